@@ -1,0 +1,115 @@
+"""Command line: ``alignkit <stage> RECIPE [key=value ...]``, ``validate``, ``demo``.
+
+Problems with the user's input (recipe, overrides, data, run dir) print one ``error:`` line and exit
+with code 2; only genuine bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import yaml
+
+from alignkit import __version__
+from alignkit.errors import AlignkitError
+from alignkit.stages import STAGES
+
+
+def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="path to a recipe YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, typed by the recipe schema (e.g. train.learning_rate=1e-4)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignkit", description="Recipe-driven fine-tuning and alignment.")
+    parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in STAGES:
+        stage_parser = commands.add_parser(name, help=f"run the {name} stage of a recipe")
+        _add_recipe_arguments(stage_parser)
+        stage_parser.add_argument("--overwrite", action="store_true",
+                                  help="delete train.output_dir first if it holds a previous run")
+        stage_parser.add_argument("--resume", action="store_true",
+                                  help="resume an unfinished run even though its recipe changed")
+    validate = commands.add_parser("validate", help="check a recipe without loading any model")
+    _add_recipe_arguments(validate)
+    demo = commands.add_parser("demo", help="build the embedded demo model and list the demo datasets")
+    demo.add_argument("--rebuild", action="store_true", help="rebuild even if a cached build exists")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging()
+    try:
+        if args.command == "validate":
+            return _validate(args)
+        if args.command == "demo":
+            return _demo(args)
+        return _run_stage(args)
+    except AlignkitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: run it again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+def _load(args):
+    from alignkit.data import check_sources
+    from alignkit.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_sources(recipe.data)
+    return recipe
+
+
+def _validate(args) -> int:
+    recipe = _load(args)
+    print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+    print(f"# {args.recipe}: valid {recipe.stage} recipe", file=sys.stderr)
+    return 0
+
+
+def _run_stage(args) -> int:
+    from alignkit.training import run_stage
+
+    recipe = _load(args)
+    if recipe.stage != args.command:
+        raise AlignkitError(f"{args.recipe} is a '{recipe.stage}' recipe; run it with: alignkit {recipe.stage} "
+                            f"{args.recipe}")
+    metrics = run_stage(recipe, overwrite=args.overwrite, resume=args.resume)
+    print(f"\n{recipe.stage} finished: {recipe.output_dir}")
+    for key in sorted(metrics):
+        value = metrics[key]
+        print(f"  {key:28s} {value:.4f}" if isinstance(value, float) else f"  {key:28s} {value}")
+    return 0
+
+
+def _demo(args) -> int:
+    import shutil
+
+    from alignkit.demo.build import demo_model_dir
+    from alignkit.demo.tasks import DEMO_DATASETS
+
+    if args.rebuild:
+        shutil.rmtree(demo_model_dir(), ignore_errors=True)
+    print(f"demo model: demo:tiny-llama -> {demo_model_dir()}")
+    print("demo datasets: " + ", ".join(f"demo:{name}" for name in DEMO_DATASETS))
+    return 0
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Keep library chatter to warnings; alignkit's own progress stays at INFO.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
+    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Batched generation from chat prompts, shared by evaluation and the RL stages."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from alignkit.recipe import GenerationSettings
+
+
+def generate(model, tokenizer, prompts: Sequence[list[dict[str, str]]], settings: GenerationSettings) -> list[str]:
+    """Completions for conversational ``prompts`` (message lists ending with a user turn).
+
+    The chat template is applied exactly as in training, with the generation prompt; batches are
+    left-padded so every prompt ends where generation starts. Returns decoded completions without
+    special tokens, stripped.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=settings.do_sample,
+        temperature=settings.temperature if settings.do_sample else None,
+        top_k=settings.top_k if settings.do_sample else None,
+        top_p=settings.top_p if settings.do_sample else None,
+        num_beams=settings.num_beams,
+        repetition_penalty=settings.repetition_penalty,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+    was_training, padding_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    torch.manual_seed(settings.seed)
+    outputs: list[str] = []
+    try:
+        for start in range(0, len(texts), settings.batch_size):
+            # The template already holds every special token, so the tokenizer must not add a BOS again.
+            batch = tokenizer(texts[start:start + settings.batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(device)
+            with torch.no_grad():
+                generated = model.generate(**batch, generation_config=config)
+            new_tokens = generated[:, batch["input_ids"].shape[1]:]
+            outputs += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return outputs

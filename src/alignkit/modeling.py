@@ -1,0 +1,137 @@
+"""Loading models and tokenizers, shared by every stage.
+
+``model.name_or_path`` may be a hub id, a local model directory, or an embedded demo model
+(``demo:tiny-llama``). Quantisation goes through bitsandbytes; ``trust_remote_code`` is off unless the
+recipe turns it on.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alignkit.demo.build import demo_model_dir, is_demo_model
+from alignkit.errors import AlignkitError, RecipeError
+from alignkit.recipe import ModelSettings, QuantizationSettings
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_path(name_or_path: str) -> str:
+    """A demo model's built directory, an existing local directory, or the hub id unchanged."""
+    if is_demo_model(name_or_path):
+        return str(demo_model_dir(name_or_path))
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        return str(local)
+    if name_or_path.startswith(("/", ".", "~")):
+        raise AlignkitError(f"model directory not found: {local.absolute()}")
+    return name_or_path
+
+
+def torch_dtype(name: str):
+    """``"bfloat16"`` -> ``torch.bfloat16``; ``"auto"`` is passed through for transformers to resolve."""
+    import torch
+
+    return name if name == "auto" else getattr(torch, name)
+
+
+def _compute_dtype(quant: QuantizationSettings, model_dtype: str):
+    import torch
+
+    if quant.compute_dtype != "auto":
+        return torch_dtype(quant.compute_dtype)
+    if model_dtype not in ("auto", "float32"):
+        return torch_dtype(model_dtype)
+    # bf16 matmuls where the GPU has them; on CPUs bf16 is emulated and ~10x slower than float32.
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def quantization_config(settings: ModelSettings):
+    """transformers' BitsAndBytesConfig for the model section, or None."""
+    quant = settings.quantization
+    if quant is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=quant.skip_modules)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=_compute_dtype(quant, settings.dtype),
+        bnb_4bit_quant_storage=torch_dtype(quant.quant_storage) if quant.quant_storage else None,
+        llm_int8_skip_modules=quant.skip_modules,
+    )
+
+
+def load_tokenizer(settings: ModelSettings):
+    """The tokenizer with a pad token and a chat template (the recipe's, else the tokenizer's own)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_path(settings.tokenizer or settings.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=settings.revision,
+                                              trust_remote_code=settings.trust_remote_code)
+    if settings.chat_template:
+        tokenizer.chat_template = read_chat_template(settings.chat_template)
+    if tokenizer.pad_token is None:
+        # Padding is masked out of the loss and attention, so reusing EOS is safe and needs no new embedding.
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise AlignkitError(f"the tokenizer of '{settings.name_or_path}' has no chat template; set "
+                            "model.chat_template to Jinja text or to a .jinja file")
+    return tokenizer
+
+
+def read_chat_template(value: str) -> str:
+    """A template given inline, or read from the file it names."""
+    if value.endswith((".jinja", ".j2", ".txt")) and "{" not in value:
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise RecipeError(f"model.chat_template: file not found: {path.absolute()}")
+        return path.read_text()
+    return value
+
+
+def load_model(settings: ModelSettings, *, for_training: bool = True):
+    """The causal LM, quantised if the recipe says so, on this process's device when quantised."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {
+        "revision": settings.revision,
+        "dtype": torch_dtype(settings.dtype),
+        "trust_remote_code": settings.trust_remote_code,
+    }
+    if settings.attn_implementation:
+        kwargs["attn_implementation"] = settings.attn_implementation
+    quant = quantization_config(settings)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        if torch.cuda.is_available():
+            # Quantised weights are placed at load time; each process keeps its own full copy (DDP) on its GPU.
+            from accelerate import PartialState
+
+            kwargs["device_map"] = {"": PartialState().local_process_index}
+    path = resolve_path(settings.name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise AlignkitError(f"could not load model '{settings.name_or_path}': {err}") from None
+    if for_training:
+        model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    return model
+
+
+def is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def prepare_for_kbit_training(model, gradient_checkpointing: bool):
+    """QLoRA's preparation of a quantised base (fp32 norms, input grads for checkpointing); no-op otherwise."""
+    if not is_quantized(model):
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)

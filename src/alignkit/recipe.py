@@ -1,0 +1,305 @@
+"""Recipes: YAML files (with ``extends`` and ``key=value`` overrides) validated into a :class:`Recipe`.
+
+A recipe is data only: YAML is safe-loaded and nothing in it is executed. Validation happens before any
+model or dataset is touched, and every problem is reported as one :class:`RecipeError` naming the key.
+
+Sections:
+  ``stage``     which stage runs (``sft``, ...; see :mod:`alignkit.stages`)
+  ``model``     :class:`ModelSettings`
+  ``adapter``   ``method`` plus the peft config's own arguments (see :mod:`alignkit.adapters`)
+  ``data``      :class:`DataSettings`
+  ``train``     the stage's TRL config (``SFTConfig`` for sft), argument names unchanged
+  ``evaluate``  :class:`EvaluateSettings`, generation-based evaluation after training
+Stages may declare further sections of their own.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from alignkit import schema
+from alignkit.errors import RecipeError
+from alignkit.schema import Raw
+
+# --------------------------------------------------------------------------------------------------
+# Sections owned by alignkit. Every field has help text, as TRL's configs do.
+# --------------------------------------------------------------------------------------------------
+
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass
+class QuantizationSettings:
+    """bitsandbytes quantisation of the base model (QLoRA when combined with a LoRA adapter)."""
+
+    bits: Literal[4, 8] = field(metadata={"help": "4 (QLoRA-style NF4/FP4) or 8 (LLM.int8)."})
+    quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type."})
+    double_quant: bool = field(default=True, metadata={"help": "Quantise the 4-bit quantisation constants too."})
+    compute_dtype: Dtype = field(
+        default="auto",
+        metadata={"help": "dtype of the 4-bit matmuls: auto (bfloat16 on GPUs that have it, else float32), "
+                  "float32, bfloat16 or float16."},
+    )
+    quant_storage: Dtype | None = field(
+        default=None,
+        metadata={"help": "dtype the 4-bit weights are packed in. Set it to the model dtype (e.g. bfloat16) "
+                  "for FSDP + QLoRA, so FSDP can shard quantised and regular weights alike."},
+    )
+    skip_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules left unquantised (e.g. [lm_head])."}
+    )
+
+
+@dataclass
+class ModelSettings:
+    """Which model to load and how."""
+
+    name_or_path: str = field(
+        metadata={"help": "Hub id (Qwen/Qwen2.5-0.5B-Instruct), local directory, a previous alignkit run dir, "
+                  "or an embedded demo model (demo:tiny-llama)."}
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    dtype: Dtype = field(
+        default="auto", metadata={"help": "Weights dtype: auto (as saved), float32, bfloat16 or float16."}
+    )
+    quantization: QuantizationSettings | None = field(
+        default=None, metadata={"help": "bitsandbytes 4-bit or 8-bit loading; null for none."}
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "eager, sdpa, flash_attention_2, ... (null: transformers' default)."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run model code from the Hub. Only for repositories you trust."}
+    )
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer to load, if not the model's own."})
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Chat template to use instead of the tokenizer's: Jinja text or a path to a .jinja file."},
+    )
+
+
+
+@dataclass
+class DataSource:
+    """One dataset in a mixture."""
+
+    SHORTHAND_FIELD = "path"  # `- demo:reverse/sft` is short for `- {path: demo:reverse/sft}`
+
+    path: str = field(
+        metadata={"help": "Local .jsonl/.json/.parquet/.csv file or directory, hub dataset id, or demo:<task>/<kind>. "
+                  "Relative paths are relative to the working directory."}
+    )
+    split: str = field(default="train", metadata={"help": "Split to read (demo sets have train and test)."})
+    name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    revision: str | None = field(default=None, metadata={"help": "Hub dataset revision."})
+    format: str = field(
+        default="auto",
+        metadata={"help": "Row format: auto (detect from columns), messages, prompt_completion, alpaca, sharegpt."},
+    )
+    columns: dict[str, str] | None = field(
+        default=None, metadata={"help": "Renames applied before format detection, e.g. {question: prompt}."}
+    )
+    weight: float = field(
+        default=1.0,
+        metadata={"help": "Share of this source in the mixture: 0.5 keeps a random half of its rows, 2.0 uses "
+                  "every row twice (as alignment-handbook's dataset_mixer)."},
+    )
+    max_rows: int | None = field(default=None, metadata={"help": "Read at most this many rows (before weighting)."})
+
+    def __post_init__(self) -> None:
+        if self.weight <= 0:
+            raise ValueError(f"weight must be > 0, got {self.weight}")
+
+
+@dataclass
+class DataSettings:
+    """Training and evaluation data."""
+
+    train: list[DataSource] = field(metadata={"help": "Sources mixed into the training set."})
+    eval: list[DataSource] | None = field(
+        default=None, metadata={"help": "Held-out sources; if null, eval_size rows are split off the training set."}
+    )
+    eval_size: float = field(
+        default=0.0,
+        metadata={"help": "Held-out part of the training mixture when `eval` is null: a fraction (< 1) "
+                  "or a row count."},
+    )
+    seed: int = field(default=42, metadata={"help": "Seed for mixing, subsampling and the eval split."})
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System message added to conversations that have none."}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise ValueError("train needs at least one source")
+        if self.eval_size < 0:
+            raise ValueError(f"eval_size must be >= 0, got {self.eval_size}")
+
+
+@dataclass
+class GenerationSettings:
+    """Generation knobs, named as in transformers' GenerationConfig."""
+
+    max_new_tokens: int = field(default=64, metadata={"help": "Upper bound on generated tokens."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy / beam search."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_k: int | None = field(default=None, metadata={"help": "Sample from the k most likely tokens."})
+    top_p: float | None = field(default=None, metadata={"help": "Nucleus sampling mass."})
+    num_beams: int = field(default=1, metadata={"help": "Beam search width (1: no beam search)."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "> 1 discourages repeating tokens."})
+    batch_size: int = field(default=32, metadata={"help": "Prompts per generate() call."})
+    seed: int = field(default=0, metadata={"help": "Seed for sampling, so sampled runs repeat."})
+
+
+@dataclass
+class EvaluateSettings:
+    """Generation-based evaluation run after training (on data.eval, or the split-off eval set)."""
+
+    metrics: list[str] = field(default_factory=lambda: ["exact_match"], metadata={"help": "Metrics to report."})
+    max_samples: int | None = field(default=200, metadata={"help": "Evaluate on at most this many rows."})
+    generation: GenerationSettings = field(default_factory=GenerationSettings, metadata={"help": "Generation knobs."})
+
+
+# --------------------------------------------------------------------------------------------------
+# The recipe
+# --------------------------------------------------------------------------------------------------
+
+COMMON_SECTIONS = ("stage", "model", "adapter", "data", "train", "evaluate")
+
+
+@dataclass
+class Recipe:
+    """A validated recipe. ``train`` and ``adapter`` hold typed values for the library configs."""
+
+    stage: str
+    model: ModelSettings
+    data: DataSettings
+    adapter: dict[str, Any] = field(default_factory=lambda: {"method": "none"})
+    train: dict[str, Any] = field(default_factory=dict)
+    evaluate: EvaluateSettings | None = None
+    sections: dict[str, Any] = field(default_factory=dict)  # stage-specific sections, validated
+    source: Path | None = None  # the recipe file, for messages
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data; loading it back gives the same run."""
+        out: dict[str, Any] = {
+            "stage": self.stage,
+            "model": schema.to_plain(self.model),
+            "adapter": schema.to_plain(self.adapter),
+            "data": schema.to_plain(self.data),
+            "train": schema.to_plain(self.train),
+        }
+        if self.evaluate is not None:
+            out["evaluate"] = schema.to_plain(self.evaluate)
+        out.update({name: schema.to_plain(value) for name, value in self.sections.items()})
+        return out
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train["output_dir"])
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """Read ``path`` (following ``extends``), apply ``key=value`` overrides, and validate."""
+    path = Path(path)
+    raw = load_raw(path)
+    for override in overrides:
+        apply_override(raw, override)
+    return validate(raw, source=path)
+
+
+def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The recipe at ``path`` as a dict, with its ``extends`` chain deep-merged (this file wins)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}" + (f" (extended by {_chain[-1]})" if _chain else ""))
+    resolved = path.resolve()
+    if resolved in _chain:
+        raise RecipeError(f"recipe {path} extends itself: {' -> '.join(str(p) for p in (*_chain, resolved))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise RecipeError(f"{path}: 'extends' expects a path to another recipe, got {parent!r}")
+    # `extends` is relative to the file that says it, so recipe folders can be moved as a whole.
+    base = load_raw(path.parent / parent, (*_chain, resolved))
+    return deep_merge(base, data)
+
+
+def deep_merge(base: Mapping, update: Mapping) -> dict:
+    """Merge ``update`` into a copy of ``base``: mappings merge key by key, anything else is replaced."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply ``a.b.c=value`` to ``raw``. The value stays text until validation types it by its field."""
+    key, sep, value = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(p.strip() for p in parts):
+        raise RecipeError(
+            f"bad override '{override}': expected section.key=value, e.g. train.learning_rate=1e-4"
+        )
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise RecipeError(f"bad override '{override}': '{where}' is not a section (it holds {child!r})")
+        node = child
+    node[parts[-1]] = Raw(value)
+
+
+def validate(raw: Mapping[str, Any], source: Path | None = None) -> Recipe:
+    """Check every key and type of ``raw`` and build the Recipe. Loads the stage's config class, no model."""
+    from alignkit import adapters, stages
+
+    where = str(source) if source else "recipe"
+    try:
+        return _validate(raw, source, adapters, stages)
+    except RecipeError as err:
+        raise RecipeError(f"{where}: {err}") from None
+
+
+def _validate(raw: Mapping[str, Any], source: Path | None, adapters, stages) -> Recipe:
+    if "stage" not in raw:
+        raise RecipeError(f"missing 'stage' (one of: {', '.join(stages.STAGES)})")
+    stage = stages.get_stage(schema.coerce(raw["stage"], str, "stage"))
+    schema.check_keys(raw, [*COMMON_SECTIONS, *stage.sections], f"the top level of the {stage.name} recipe")
+    for required in ("model", "data"):
+        if required not in raw:
+            raise RecipeError(f"missing section '{required}'")
+
+    train = schema.check_dict(stage.train_config(), raw.get("train") or {}, "train")
+    train.setdefault("output_dir", str(Path("runs") / (source.stem if source else stage.name)))
+    evaluate = raw.get("evaluate")
+    return Recipe(
+        stage=stage.name,
+        model=schema.build(ModelSettings, raw["model"], "model"),
+        adapter=adapters.validate_adapter(raw.get("adapter") or {"method": "none"}),
+        data=schema.build(DataSettings, raw["data"], "data"),
+        train=train,
+        evaluate=None if evaluate is None else schema.build(EvaluateSettings, evaluate, "evaluate"),
+        sections={name: schema.build(cls, raw[name], name) for name, cls in stage.sections.items() if name in raw},
+        source=source,
+    )

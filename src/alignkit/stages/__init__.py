@@ -1,0 +1,37 @@
+"""The stage registry: ``alignkit <stage> RECIPE`` looks the stage up here by name.
+
+A stage module defines ``STAGE = Stage(...)``: its TRL config class (for the ``train`` section), any
+recipe sections of its own, and ``run(recipe, run_dir) -> metrics``. Adding a stage is one line below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from alignkit.errors import RecipeError
+from alignkit.suggest import did_you_mean
+
+STAGES: dict[str, str] = {
+    "sft": "alignkit.stages.sft",
+}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What the CLI and the recipe validator need to know about a stage."""
+
+    name: str
+    help: str
+    train_config: Callable[[], type]  # returns the TRL config class; a callable so imports stay lazy
+    run: Callable[..., dict[str, Any]]  # run(recipe, run_dir) -> flat metrics
+    sections: dict[str, type] = field(default_factory=dict)
+
+
+def get_stage(name: str) -> Stage:
+    """The registered stage called ``name``."""
+    if name not in STAGES:
+        raise RecipeError(f"unknown stage '{name}'.{did_you_mean(name, STAGES)} Stages: {', '.join(STAGES)}")
+    return importlib.import_module(STAGES[name]).STAGE
