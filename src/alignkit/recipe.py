@@ -225,7 +225,7 @@ def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise RecipeError(f"recipe {path} extends itself: {' -> '.join(str(p) for p in (*_chain, resolved))}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, UnicodeDecodeError) as err:  # not YAML, or not UTF-8 text
         raise RecipeError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
@@ -293,7 +293,7 @@ def _validate(raw: Mapping[str, Any], source: Path | None, adapters, stages) -> 
     train = schema.check_dict(stage.train_config(), raw.get("train") or {}, "train")
     train.setdefault("output_dir", str(Path("runs") / (source.stem if source else stage.name)))
     evaluate = raw.get("evaluate")
-    return Recipe(
+    recipe = Recipe(
         stage=stage.name,
         model=schema.build(ModelSettings, raw["model"], "model"),
         adapter=adapters.validate_adapter(raw.get("adapter") or {"method": "none"}),
@@ -303,3 +303,15 @@ def _validate(raw: Mapping[str, Any], source: Path | None, adapters, stages) -> 
         sections={name: schema.build(cls, raw[name], name) for name, cls in stage.sections.items() if name in raw},
         source=source,
     )
+    _check_model_and_adapter(recipe)
+    return recipe
+
+
+def _check_model_and_adapter(recipe: Recipe) -> None:
+    quantization, method = recipe.model.quantization, recipe.adapter["method"]
+    if method == "qlora" and (quantization is None or quantization.bits != 4):
+        raise RecipeError("adapter method 'qlora' needs a 4-bit base: set model.quantization: {bits: 4} "
+                          "(or use method 'lora')")
+    if quantization is not None and method == "none":
+        raise RecipeError("a quantised model cannot be fully fine-tuned: set adapter.method to qlora or lora, "
+                          "or model.quantization to null")

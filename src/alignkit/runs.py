@@ -57,8 +57,16 @@ class RunDir:
 
 
 def last_checkpoint(path: Path) -> Path | None:
-    """The checkpoint with the highest step in ``path``, or None."""
-    steps = [(int(m.group(1)), p) for p in path.glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    """The complete checkpoint with the highest step in ``path``, or None.
+
+    The trainer writes ``trainer_state.json`` last, so a checkpoint without it was cut off mid-save
+    (the process was killed) and must not be resumed from.
+    """
+    steps = [
+        (int(match.group(1)), child)
+        for child in path.glob("checkpoint-*")
+        if (match := _CHECKPOINT.match(child.name)) and (child / "trainer_state.json").is_file()
+    ]
     return max(steps)[1] if steps else None
 
 

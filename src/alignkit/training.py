@@ -36,12 +36,19 @@ def training_args(recipe: Recipe, config_class: type, run: RunDir):
         raise RecipeError(f"train: {err}") from None
 
 
+def build_trainer(trainer_class: type, **kwargs):
+    """Construct a TRL trainer. TRL checks combinations of options (packing, padding-free, max_length...)
+    when the trainer is built and raises ValueError: those are recipe errors, reported as such."""
+    try:
+        return trainer_class(**kwargs)
+    except ValueError as err:
+        raise RecipeError(f"train: {err}") from None
+
+
 def load_model_and_tokenizer(recipe: Recipe, args) -> tuple[Any, Any, Any]:
     """(model, tokenizer, peft_config) for a training stage; the trainer applies the peft config."""
     tokenizer = modeling.load_tokenizer(recipe.model)
     model = modeling.load_model(recipe.model)
-    if modeling.is_quantized(model) and recipe.adapter["method"] == "none":
-        raise RecipeError("a quantised model cannot be fully fine-tuned; set adapter.method to qlora or lora")
     model = modeling.prepare_for_kbit_training(model, args.gradient_checkpointing)
     peft_config = adapters.build_peft_config(
         recipe.adapter, task_type="CAUSAL_LM", tokenizer_path=modeling.resolve_path(recipe.model.name_or_path)

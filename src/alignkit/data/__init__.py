@@ -67,6 +67,7 @@ def _normalise(rows, source: DataSource, where: str, converter_for: Callable[[st
     report = SourceReport(where=where, path=source.path, format=source.format)
     convert = None if source.format == "auto" else converter_for(source.format)
     kept = []
+    undetected: list[tuple[int, dict]] = []  # auto: rows seen before the format is known whose columns fit none
     for row_number, row in rows:
         if source.max_rows is not None and report.rows_read >= source.max_rows:
             break
@@ -76,16 +77,24 @@ def _normalise(rows, source: DataSource, where: str, converter_for: Callable[[st
                 raise formats.RowError("not a JSON object")
             if source.columns:
                 row = {source.columns.get(key, key): value for key, value in row.items()}
-            if convert is None:  # auto: the first row decides; the columns are the same for every row
+            if convert is None:  # auto: the first row whose columns fit a format decides
                 detected = formats.detect_format(row)
                 if detected is None or detected not in known_formats:
-                    raise DataError(f"{where}: cannot tell the format of '{source.path}' from its columns "
-                                    f"({', '.join(row)}); set format: to one of {', '.join(known_formats)}")
+                    # A JSON Lines row may just lack a field: judge it once a later row reveals the format.
+                    undetected.append((row_number, row))
+                    continue
                 report.format, convert = detected, converter_for(detected)
             kept.append(finish(convert(row)))
         except formats.RowError as err:
-            report.skipped[str(err)] += 1
-            report.first_bad_row = report.first_bad_row or row_number
+            _skip(report, err, row_number)
+    if undetected and convert is None:
+        raise DataError(f"{where}: cannot tell the format of '{source.path}' from its columns "
+                        f"({', '.join(undetected[0][1])}); set format: to one of {', '.join(known_formats)}")
+    for row_number, row in undetected:
+        try:
+            kept.append(finish(convert(row)))
+        except formats.RowError as err:
+            _skip(report, err, row_number)
     report.rows_kept = len(kept)
     if report.skipped:
         logger.warning(report.summary())
@@ -93,6 +102,11 @@ def _normalise(rows, source: DataSource, where: str, converter_for: Callable[[st
         detail = f": {report.summary()}" if report.rows_read else " (it is empty)"
         raise DataError(f"{where}: no usable rows in '{source.path}'{detail}")
     return kept, report
+
+
+def _skip(report: SourceReport, err: formats.RowError, row_number: int) -> None:
+    report.skipped[str(err)] += 1
+    report.first_bad_row = row_number if report.first_bad_row is None else min(report.first_bad_row, row_number)
 
 
 def apply_weight(rows: list, weight: float, rng: random.Random) -> list:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 from alignkit.errors import DataError
 from alignkit.recipe import DataSource
-from alignkit.suggest import did_you_mean
+from alignkit.suggest import nearest
 
 DEMO_PREFIX = "demo:"
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -38,12 +39,15 @@ def read_rows(source: DataSource, where: str) -> Iterator[tuple[int, dict | None
         yield from enumerate(_demo_generator(source, where)(source.split), start=1)
         return
     path = Path(source.path).expanduser()
-    if path.is_file() and path.suffix == ".jsonl":
-        yield from _read_jsonl(path)
-        return
     if path.is_file() and source.split != "train":
         raise DataError(f"{where}: split '{source.split}' given for a single file ({path}); splits apply to "
                         "hub datasets, directories and demo sets")
+    if path.is_file() and path.suffix == ".jsonl":
+        yield from _read_jsonl(path)
+        return
+    if path.is_file() and path.suffix == ".csv":
+        yield from _read_csv(path, where)
+        return
     dataset = _load_with_datasets(source, path if is_local(source.path) else None, where)
     yield from enumerate(dataset, start=1)
 
@@ -53,7 +57,9 @@ def _demo_generator(source: DataSource, where: str):
 
     name = source.path.removeprefix(DEMO_PREFIX)
     if name not in DEMO_DATASETS:
-        raise DataError(f"{where}: unknown demo dataset '{source.path}'.{did_you_mean(name, DEMO_DATASETS)} "
+        match = nearest(name, DEMO_DATASETS)  # suggested as the recipe must say it, prefix included
+        hint = f" Did you mean '{DEMO_PREFIX}{match}'?" if match else ""
+        raise DataError(f"{where}: unknown demo dataset '{source.path}'.{hint} "
                         f"Available: {', '.join(DEMO_PREFIX + n for n in DEMO_DATASETS)}")
     if source.split not in DEMO_SPLITS:
         raise DataError(f"{where}: demo datasets have splits {', '.join(DEMO_SPLITS)}, not '{source.split}'")
@@ -63,15 +69,25 @@ def _demo_generator(source: DataSource, where: str):
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | None]]:
     # Read line by line rather than through datasets: Arrow needs one schema for the whole file, so a
     # single row with a wrong type would fail the file instead of being counted as one bad row.
-    with path.open(encoding="utf-8") as handle:
+    with path.open("rb") as handle:  # bytes: a line that is not UTF-8 is one bad row, not a failed file
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:  # JSONDecodeError or UnicodeDecodeError
                 row = None
             yield line_number, row if isinstance(row, dict) else None
+
+
+def _read_csv(path: Path, where: str) -> Iterator[tuple[int, dict]]:
+    # Every cell is text, as written: pandas (under datasets) would read an answer "4" as a number and
+    # "None" or "NA" as missing, and the row would then be rejected for a field that is not a string.
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            yield from enumerate(csv.DictReader(handle), start=1)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{where}: could not read '{path}' as a UTF-8 CSV file: {err}") from None
 
 
 def _load_with_datasets(source: DataSource, local_path: Path | None, where: str):

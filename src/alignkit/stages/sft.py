@@ -28,8 +28,8 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict:
                                      "sources": [r.to_dict() for r in data.reports]})
 
     # ---- train ---------------------------------------------------------------------------------------
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                         processing_class=tokenizer, peft_config=peft_config)
+    trainer = training.build_trainer(SFTTrainer, model=model, args=args, train_dataset=data.train,
+                                     eval_dataset=data.eval, processing_class=tokenizer, peft_config=peft_config)
     metrics = training.parameter_metrics(trainer.model)
     metrics |= training.train(trainer, run_dir)
 
