@@ -5,7 +5,9 @@ ALIGNKIT = $(VENV)/bin/alignkit
 RECIPE ?= recipes/demo/sft.yaml
 ARGS ?=
 
-.PHONY: setup demo validate sft test lint clean
+STAGES = sft eval
+
+.PHONY: setup demo validate score test lint clean $(STAGES)
 
 setup: $(VENV)/.installed
 
@@ -21,8 +23,13 @@ demo: setup
 validate: setup
 	$(ALIGNKIT) validate $(RECIPE) $(ARGS)
 
-sft: setup
-	$(ALIGNKIT) sft $(RECIPE) $(ARGS)
+# make sft RECIPE=recipes/demo/sft.yaml ARGS="train.max_steps=100"; the same for every stage.
+$(STAGES): setup
+	$(ALIGNKIT) $@ $(RECIPE) $(ARGS)
+
+# make score FILE=runs/demo-sft/predictions.jsonl
+score: setup
+	$(ALIGNKIT) score $(FILE) $(ARGS)
 
 test: setup
 	$(VENV)/bin/python -m pytest -q tests

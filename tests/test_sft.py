@@ -134,17 +134,21 @@ def test_unfinished_run_with_a_changed_recipe_needs_resume_flag(tmp_path):
     assert json.loads((run_dir / "metrics.json").read_text())["train/global_step"] == 60
 
 
-@pytest.mark.parametrize("options", [["train.packing=true"], ["train.padding_free=true", "train.max_length=null"]])
+PACKING_OPTIONS = [["train.packing=true"], ["train.padding_free=true", "train.max_length=null"]]
+
+
+@pytest.mark.parametrize("options", PACKING_OPTIONS)
 def test_packing_and_padding_free_train(tmp_path, options):
     result = run_cli("sft", DEMO_SFT, f"train.output_dir={tmp_path / 'run'}", "train.max_steps=30",
-                     *options, "train.logging_steps=5", "train.eval_strategy=no", "train.save_strategy=no", "evaluate.max_samples=8")
+                     *options, "train.logging_steps=5", "train.eval_strategy=no", "train.save_strategy=no",
+                     "evaluate.max_samples=8")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["train/loss_end"] < metrics["train/loss_start"]
 
 
 def test_conflicting_trainer_options_are_a_recipe_error(tmp_path):
-    """TRL rejects padding_free without packing when max_length is set; alignkit reports it without a traceback."""
+    """TRL rejects padding_free without packing when max_length is set: reported without a traceback."""
     result = run_cli("sft", DEMO_SFT, f"train.output_dir={tmp_path / 'run'}", "train.padding_free=true")
     assert result.returncode == 2
     assert "error: train:" in result.stderr and "max_length" in result.stderr

@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="resume an unfinished run even though its recipe changed")
     validate = commands.add_parser("validate", help="check a recipe without loading any model")
     _add_recipe_arguments(validate)
+    score = commands.add_parser("score", help="metrics for an existing predictions file (JSON Lines)")
+    score.add_argument("file", help="JSON Lines with 'prediction' and 'reference' or 'references' on each line")
+    score.add_argument("--metrics", default="rouge,bleu,chrf,exact_match",
+                       help="comma-separated metrics (default: %(default)s)")
+    score.add_argument("--output", help="also write the scores as JSON to this file")
     demo = commands.add_parser("demo", help="build the embedded demo model and list the demo datasets")
     demo.add_argument("--rebuild", action="store_true", help="rebuild even if a cached build exists")
     return parser
@@ -50,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             return _validate(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "score":
+            return _score(args)
         return _run_stage(args)
     except AlignkitError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -90,6 +97,24 @@ def _run_stage(args) -> int:
     return 0
 
 
+def _score(args) -> int:
+    import json
+    from pathlib import Path
+
+    from alignkit.scoring import bad_line_report, score_file
+
+    scores, data = score_file(Path(args.file), [m.strip() for m in args.metrics.split(",") if m.strip()])
+    if (warning := bad_line_report(data)) is not None:
+        print(f"warning: {args.file}: {warning}", file=sys.stderr)
+    print(f"{'metric':12s} {'score':>10s}   ({len(data.predictions)} rows)")
+    for name, value in scores.items():
+        print(f"{name:12s} {value:10.4f}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(scores | {"rows": len(data.predictions),
+                                                         "skipped_rows": len(data.bad_lines)}, indent=2) + "\n")
+    return 0
+
+
 def _demo(args) -> int:
     import shutil
 
@@ -107,7 +132,7 @@ def _configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Keep library chatter to warnings; alignkit's own progress stays at INFO.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
-    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -1,13 +1,36 @@
-"""Generation-based evaluation of a trained model on held-out conversations."""
+"""Generation-based evaluation: generate for held-out prompts, score, write predictions and report.md.
+
+Shared by the ``eval`` stage and by the ``evaluate:`` section of training recipes. With
+``evaluate.compare`` a second model answers the same prompts and the report shows both side by side.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alignkit import modeling
 from alignkit.generation import generate
-from alignkit.recipe import EvaluateSettings
+from alignkit.metrics import compute
+from alignkit.recipe import EvaluateSettings, ModelSettings
+
+COMPARE_BASE = "base"
+
+
+@dataclass
+class Evaluation:
+    """One model's answers to the held-out prompts and their scores."""
+
+    label: str
+    prompts: list[list[dict[str, str]]]
+    references: list[str]
+    predictions: list[str]
+    scores: dict[str, float]
 
 
 def split_conversation(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
@@ -16,17 +39,87 @@ def split_conversation(messages: list[dict[str, str]]) -> tuple[list[dict[str, s
     return messages[:last], messages[last]["content"]
 
 
-def evaluate_generations(model, tokenizer, dataset, settings: EvaluateSettings,
-                         predictions_file: Path | None = None) -> dict[str, Any]:
-    """Generate for each held-out conversation and score against its reference; keys are ``eval/<metric>``."""
-    from alignkit.metrics import compute
-
-    rows = dataset["messages"][: settings.max_samples]
+def held_out_examples(dataset, max_samples: int | None) -> tuple[list, list[str]]:
+    """Prompts and references from a dataset of ``{"messages": [...]}`` rows."""
+    rows = dataset["messages"][:max_samples]
     prompts, references = zip(*(split_conversation(messages) for messages in rows))
+    return list(prompts), list(references)
+
+
+def evaluate_model(model, tokenizer, prompts: list, references: list[str], settings: EvaluateSettings,
+                   label: str) -> Evaluation:
+    """Generate an answer to every prompt and score the answers against the references."""
     predictions = generate(model, tokenizer, prompts, settings.generation)
-    if predictions_file is not None:
-        with predictions_file.open("w", encoding="utf-8") as handle:
-            for prompt, prediction, reference in zip(prompts, predictions, references):
-                handle.write(json.dumps({"prompt": prompt, "prediction": prediction, "reference": reference}) + "\n")
-    scores = compute(settings.metrics, predictions, list(references))
-    return {f"eval/{name}": value for name, value in scores.items()} | {"eval/samples": len(predictions)}
+    scores = compute(settings.metrics, predictions, references, options=settings.metric_options)
+    return Evaluation(label=label, prompts=prompts, references=references, predictions=predictions, scores=scores)
+
+
+def evaluate_generations(model, tokenizer, dataset, settings: EvaluateSettings) -> dict[str, Any]:
+    """Scores of ``model`` on ``dataset`` as ``eval/<metric>`` keys (no files written)."""
+    prompts, references = held_out_examples(dataset, settings.max_samples)
+    result = evaluate_model(model, tokenizer, prompts, references, settings, label="model")
+    return {f"eval/{name}": value for name, value in result.scores.items()} | {"eval/samples": len(prompts)}
+
+
+def evaluate_and_report(model, tokenizer, dataset, settings: EvaluateSettings, run_dir: Path, *, label: str,
+                        base_settings: ModelSettings) -> dict[str, Any]:
+    """Evaluate ``model`` (and ``settings.compare``) on ``dataset``; write predictions and report.md.
+
+    Returns ``eval/<metric>`` for the model and ``compare/<metric>`` for the comparison model.
+    ``base_settings`` describe the model before training, for ``compare: base``.
+    """
+    prompts, references = held_out_examples(dataset, settings.max_samples)
+    results = [evaluate_model(model, tokenizer, prompts, references, settings, label)]
+    if settings.compare:
+        with comparison_model(settings.compare, model, tokenizer, base_settings) as (other, other_tokenizer, name):
+            results.append(evaluate_model(other, other_tokenizer, prompts, references, settings, name))
+
+    write_predictions(run_dir / "predictions.jsonl", results[0])
+    metrics: dict[str, Any] = {f"eval/{k}": v for k, v in results[0].scores.items()} | {"eval/samples": len(prompts)}
+    if len(results) > 1:
+        write_predictions(run_dir / "predictions-compare.jsonl", results[1])
+        metrics |= {f"compare/{k}": v for k, v in results[1].scores.items()}
+    (run_dir / "report.md").write_text(render_report(results, settings.report_samples))
+    return metrics
+
+
+@contextlib.contextmanager
+def comparison_model(compare: str, model, tokenizer, base_settings: ModelSettings) -> Iterator[tuple[Any, Any, str]]:
+    """The model to compare with: ``base`` (the model before training) or any model / run dir."""
+    if compare == COMPARE_BASE and hasattr(model, "disable_adapter"):
+        # A peft model without its adapter is the base: no second copy in memory.
+        with model.disable_adapter():
+            yield model, tokenizer, f"{base_settings.name_or_path} (base)"
+        return
+    settings = base_settings if compare == COMPARE_BASE else dataclasses.replace(base_settings, name_or_path=compare)
+    other, other_tokenizer = modeling.load_for_inference(settings)
+    label = f"{settings.name_or_path} (base)" if compare == COMPARE_BASE else compare
+    yield other, other_tokenizer, label
+
+
+def write_predictions(path: Path, result: Evaluation) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        for prompt, prediction, reference in zip(result.prompts, result.predictions, result.references):
+            handle.write(json.dumps({"prompt": prompt, "prediction": prediction, "reference": reference},
+                                    ensure_ascii=False) + "\n")
+
+
+def render_report(results: list[Evaluation], samples: int) -> str:
+    """Markdown: a metric table with one column per model, then sample prompts with each model's answer."""
+    names = list(results[0].scores)
+    lines = ["# Evaluation", "", f"{len(results[0].prompts)} held-out prompts.", "",
+             "| metric | " + " | ".join(f"`{r.label}`" for r in results) + " |",
+             "|---" * (len(results) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(_number(r.scores.get(name)) for r in results) + " |" for name in names]
+    lines += ["", "## Samples", ""]
+    for index in range(min(samples, len(results[0].prompts))):
+        prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in results[0].prompts[index])
+        lines += [f"### {index + 1}", "", "```", prompt_text, "```", "",
+                  f"- reference: `{results[0].references[index]}`"]
+        lines += [f"- `{r.label}`: `{r.predictions[index]}`" for r in results]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -7,8 +7,12 @@ recipe turns it on.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from pathlib import Path
+
+import yaml
 
 from alignkit.demo.build import demo_model_dir, is_demo_model
 from alignkit.errors import AlignkitError, RecipeError
@@ -135,3 +139,38 @@ def prepare_for_kbit_training(model, gradient_checkpointing: bool):
     from peft import prepare_model_for_kbit_training
 
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def base_settings_of_adapter(path: Path, settings: ModelSettings) -> ModelSettings:
+    """Model settings of the base an adapter was trained on: the run's own recipe when alignkit made it
+    (so quantisation and dtype match training), else the base named in adapter_config.json."""
+    from alignkit import schema
+
+    recipe_file = path / "recipe.yaml"
+    if recipe_file.is_file():
+        saved = (yaml.safe_load(recipe_file.read_text()) or {}).get("model", {})
+        return schema.build(ModelSettings, saved, f"{recipe_file} model")
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise AlignkitError(f"{path}/adapter_config.json does not name its base model")
+    return dataclasses.replace(settings, name_or_path=base, tokenizer=settings.tokenizer or str(path))
+
+
+def load_for_inference(settings: ModelSettings):
+    """(model, tokenizer) ready to generate: a plain model, or a base with the adapter of a run dir."""
+    path = resolve_path(settings.name_or_path)
+    if not is_adapter_dir(path):
+        return load_model(settings, for_training=False), load_tokenizer(settings)
+    from peft import PeftModel
+
+    base_settings = base_settings_of_adapter(Path(path), settings)
+    if base_settings.name_or_path == settings.name_or_path:
+        raise AlignkitError(f"{path}: the adapter names itself as its base")
+    model = PeftModel.from_pretrained(load_model(base_settings, for_training=False), path)
+    # The run dir holds the tokenizer used in training (chat template included).
+    tokenizer = load_tokenizer(dataclasses.replace(base_settings, tokenizer=path, chat_template=None))
+    return model, tokenizer

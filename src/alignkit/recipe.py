@@ -106,6 +106,12 @@ class DataSource:
     columns: dict[str, str] | None = field(
         default=None, metadata={"help": "Renames applied before format detection, e.g. {question: prompt}."}
     )
+    templates: list[str] | None = field(
+        default=None,
+        metadata={"help": "Prompt templates (FLAN-style phrasings) with {column} placeholders; each row's prompt "
+                  "is one of them, picked at random per row but always the same for that row. One template: "
+                  "fixed phrasing. Write {{ and }} for literal braces."},
+    )
     weight: float = field(
         default=1.0,
         metadata={"help": "Share of this source in the mixture: 0.5 keeps a random half of its rows, 2.0 uses "
@@ -122,7 +128,9 @@ class DataSource:
 class DataSettings:
     """Training and evaluation data."""
 
-    train: list[DataSource] = field(metadata={"help": "Sources mixed into the training set."})
+    train: list[DataSource] = field(
+        default_factory=list, metadata={"help": "Sources mixed into the training set (every training stage needs one)."}
+    )
     eval: list[DataSource] | None = field(
         default=None, metadata={"help": "Held-out sources; if null, eval_size rows are split off the training set."}
     )
@@ -137,8 +145,6 @@ class DataSettings:
     )
 
     def __post_init__(self) -> None:
-        if not self.train:
-            raise ValueError("train needs at least one source")
         if self.eval_size < 0:
             raise ValueError(f"eval_size must be >= 0, got {self.eval_size}")
 
@@ -165,6 +171,24 @@ class EvaluateSettings:
     metrics: list[str] = field(default_factory=lambda: ["exact_match"], metadata={"help": "Metrics to report."})
     max_samples: int | None = field(default=200, metadata={"help": "Evaluate on at most this many rows."})
     generation: GenerationSettings = field(default_factory=GenerationSettings, metadata={"help": "Generation knobs."})
+    metric_options: dict[str, dict[str, Any]] | None = field(
+        default=None,
+        metadata={"help": "Options per metric, e.g. {rouge: {use_stemmer: true}, bleu: {tokenize: intl}}."},
+    )
+    compare: str | None = field(
+        default=None,
+        metadata={"help": "A second model answering the same prompts, shown side by side in report.md: `base` "
+                  "(the model before training), a hub id, a local dir or a run dir."},
+    )
+    report_samples: int = field(default=5, metadata={"help": "Sample prompts shown in report.md."})
+
+    def __post_init__(self) -> None:
+        from alignkit.metrics import METRICS
+        from alignkit.suggest import did_you_mean
+
+        for name in self.metrics:
+            if name not in METRICS:
+                raise ValueError(f"unknown metric '{name}'.{did_you_mean(name, METRICS)} Metrics: {', '.join(METRICS)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,6 +313,10 @@ def _validate(raw: Mapping[str, Any], source: Path | None, adapters, stages) -> 
     for required in ("model", "data"):
         if required not in raw:
             raise RecipeError(f"missing section '{required}'")
+    data = schema.build(DataSettings, raw["data"], "data")
+    for group in stage.required_data:
+        if not getattr(data, group):
+            raise RecipeError(f"the {stage.name} stage needs data.{group}: at least one source")
 
     train = schema.check_dict(stage.train_config(), raw.get("train") or {}, "train")
     train.setdefault("output_dir", str(Path("runs") / (source.stem if source else stage.name)))
@@ -297,7 +325,7 @@ def _validate(raw: Mapping[str, Any], source: Path | None, adapters, stages) -> 
         stage=stage.name,
         model=schema.build(ModelSettings, raw["model"], "model"),
         adapter=adapters.validate_adapter(raw.get("adapter") or {"method": "none"}),
-        data=schema.build(DataSettings, raw["data"], "data"),
+        data=data,
         train=train,
         evaluate=None if evaluate is None else schema.build(EvaluateSettings, evaluate, "evaluate"),
         sections={name: schema.build(cls, raw[name], name) for name, cls in stage.sections.items() if name in raw},

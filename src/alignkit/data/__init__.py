@@ -77,6 +77,8 @@ def _normalise(rows, source: DataSource, where: str, converter_for: Callable[[st
                 raise formats.RowError("not a JSON object")
             if source.columns:
                 row = {source.columns.get(key, key): value for key, value in row.items()}
+            if source.templates:
+                row = formats.apply_template(row, pick_template(source.templates, row_number))
             if convert is None:  # auto: the first row whose columns fit a format decides
                 detected = formats.detect_format(row)
                 if detected is None or detected not in known_formats:
@@ -102,6 +104,11 @@ def _normalise(rows, source: DataSource, where: str, converter_for: Callable[[st
         detail = f": {report.summary()}" if report.rows_read else " (it is empty)"
         raise DataError(f"{where}: no usable rows in '{source.path}'{detail}")
     return kept, report
+
+
+def pick_template(templates: list[str], row_number: int) -> str:
+    """One of ``templates`` for a row: random per row, but the same row always gets the same phrasing."""
+    return templates[random.Random(f"template-{row_number}").randrange(len(templates))]
 
 
 def _skip(report: SourceReport, err: formats.RowError, row_number: int) -> None:

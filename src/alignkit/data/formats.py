@@ -121,6 +121,16 @@ def detect_format(columns: Iterable[str]) -> str | None:
     return None
 
 
+def apply_template(row: dict, template: str) -> dict:
+    """Set the row's ``prompt`` to ``template`` filled from its columns (``{document}`` -> row["document"])."""
+    try:
+        return {**row, "prompt": template.format_map(row)}
+    except KeyError as err:
+        raise RowError(f"the prompt template needs a column '{err.args[0]}'") from None
+    except (ValueError, IndexError) as err:  # a stray { or } in the template: write {{ and }} for literal braces
+        raise RowError(f"the prompt template is malformed ({err})") from None
+
+
 def add_system_prompt(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
     """Prepend ``system_prompt`` unless the conversation already starts with a system message."""
     if not system_prompt or (messages and messages[0]["role"] == "system"):

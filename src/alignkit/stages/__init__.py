@@ -16,6 +16,7 @@ from alignkit.suggest import did_you_mean
 
 STAGES: dict[str, str] = {
     "sft": "alignkit.stages.sft",
+    "eval": "alignkit.stages.eval",
 }
 
 
@@ -28,6 +29,7 @@ class Stage:
     train_config: Callable[[], type]  # returns the TRL config class; a callable so imports stay lazy
     run: Callable[..., dict[str, Any]]  # run(recipe, run_dir) -> flat metrics
     sections: dict[str, type] = field(default_factory=dict)
+    required_data: tuple[str, ...] = ("train",)  # data groups the stage cannot run without
 
 
 def get_stage(name: str) -> Stage:

@@ -11,7 +11,7 @@ from trl import SFTConfig, SFTTrainer
 
 from alignkit import training
 from alignkit.data import load_sft_data
-from alignkit.evaluation import evaluate_generations
+from alignkit.evaluation import evaluate_and_report
 from alignkit.recipe import Recipe
 from alignkit.runs import RunDir
 from alignkit.stages import Stage
@@ -35,8 +35,8 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict:
 
     # ---- evaluate by generation on the held-out set -------------------------------------------------
     if recipe.evaluate is not None and data.eval is not None:
-        metrics |= evaluate_generations(trainer.model, tokenizer, data.eval, recipe.evaluate,
-                                        predictions_file=run_dir.path / "predictions.jsonl")
+        metrics |= evaluate_and_report(trainer.model, tokenizer, data.eval, recipe.evaluate, run_dir.path,
+                                       label=f"{recipe.model.name_or_path} + sft", base_settings=recipe.model)
     return metrics
 
 
