@@ -22,7 +22,9 @@ def reversal_run(tmp_path_factory):
 def test_training_recipe_reports_model_and_base_side_by_side(reversal_run):
     metrics = json.loads((reversal_run / "metrics.json").read_text())
     assert metrics["eval/exact_match"] >= 0.8 and metrics["compare/exact_match"] <= 0.05, metrics
+    # Observed on 2 cores: exact match 0.96 vs 0.0, ROUGE-L 0.99 vs 0.21, BLEU 97.3 vs 0.8.
     assert metrics["eval/rougeL"] > metrics["compare/rougeL"] + 0.3
+    assert metrics["eval/bleu"] > metrics["compare/bleu"] + 50
     report = (reversal_run / "report.md").read_text()
     assert "`demo:tiny-llama + sft`" in report and "`demo:tiny-llama (base)`" in report
     assert f"| exact_match | {metrics['eval/exact_match']:.4f} | {metrics['compare/exact_match']:.4f} |" in report

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from alignkit.demo.tasks import tokenizer_corpus
 
-DEMO_VERSION = "3"
+DEMO_VERSION = "2"
 DEMO_MODEL_PREFIX = "demo:"
 DEMO_MODELS = ("tiny-llama",)
 
