@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 # A closed vocabulary keeps the tokenizer tiny (every word becomes one token) and makes "learning the
 # task" the only thing the model has to do.
@@ -40,22 +43,25 @@ def _random_phrase(rng: random.Random, min_words: int = 3, max_words: int = 6) -
     return rng.sample(WORDS, rng.randint(min_words, max_words))
 
 
-def _unique_phrases(split: str) -> list[list[str]]:
-    """Phrases for ``split``; the test split excludes every train phrase so held-out means unseen."""
-    excluded: set[tuple[str, ...]] = set()
+def _unique_draws(split: str, draw: Callable[[random.Random], T], seed_offset: int = 0) -> list[T]:
+    """``draw`` repeated for ``split`` until it has enough distinct results; held-out draws exclude train's.
+
+    Results are compared by their ``repr`` so lists and dicts count as equal when their contents are.
+    """
+    excluded: set[str] = set()
     if split == "test":
-        excluded = {tuple(p) for p in _unique_phrases("train")}
-    rng = random.Random(_SPLIT_SEEDS[split])
-    phrases: list[list[str]] = []
-    seen: set[tuple[str, ...]] = set()
-    while len(phrases) < _SPLIT_SIZES[split]:
-        phrase = _random_phrase(rng)
-        key = tuple(phrase)
+        excluded = {repr(item) for item in _unique_draws("train", draw, seed_offset)}
+    rng = random.Random(_SPLIT_SEEDS[split] + seed_offset)
+    items: list[T] = []
+    seen: set[str] = set()
+    while len(items) < _SPLIT_SIZES[split]:
+        item = draw(rng)
+        key = repr(item)
         if key in seen or key in excluded:
             continue
         seen.add(key)
-        phrases.append(phrase)
-    return phrases
+        items.append(item)
+    return items
 
 
 def pretraining_conversations(count: int, seed: int = 7) -> list[list[dict]]:
@@ -82,13 +88,68 @@ def reverse_sft(split: str) -> list[dict]:
                 {"role": "assistant", "content": " ".join(reversed(phrase))},
             ]
         }
-        for phrase in _unique_phrases(split)
+        for phrase in _unique_draws(split, _random_phrase)
     ]
+
+
+# Summarisation-like task: a "document" scatters a few content words (things) among filler words (colours,
+# materials, seasons, times of day); its "summary" keeps the content words in order. Every word is one the
+# base model was pretrained to copy, so the fine-tune only has to learn which words matter.
+SUMMARY_FILLERS: tuple[str, ...] = (
+    "green", "yellow", "purple", "orange", "silver", "copper", "marble", "cotton", "velvet", "crystal",
+    "summer", "winter", "autumn", "spring", "morning", "evening", "night", "sunset", "light", "shadow",
+)
+SUMMARY_KEYWORDS: tuple[str, ...] = tuple(word for word in WORDS if word not in SUMMARY_FILLERS)
+
+
+def _draw_document(rng: random.Random) -> dict[str, str]:
+    keywords = rng.sample(SUMMARY_KEYWORDS, rng.randint(2, 4))
+    document: list[str] = []
+    for keyword in keywords:
+        document += rng.sample(SUMMARY_FILLERS, rng.randint(1, 3)) + [keyword]
+    document += rng.sample(SUMMARY_FILLERS, rng.randint(0, 2))
+    return {"document": " ".join(document), "summary": " ".join(keywords)}
+
+
+def summarize_raw(split: str) -> list[dict]:
+    """Raw summarisation rows ``{document, summary}``: the summary is the document's content words in order."""
+    return _unique_draws(split, _draw_document, seed_offset=1)
+
+
+# Translation-like task: "Zorbish" is a made-up language whose words are spelled like demo words; a fixed
+# dictionary maps each of 50 English words to one of the other 50, and Zorbish puts each pair of words the
+# other way round (adjective-noun order, as French does), so translating means a lexicon *and* reordering.
+# The base model can emit every Zorbish word (pretraining copies all of them) but has never seen the
+# dictionary.
+ZORBISH_SOURCE_WORDS: tuple[str, ...] = WORDS[:50]
+TO_ZORBISH: dict[str, str] = dict(
+    zip(ZORBISH_SOURCE_WORDS, random.Random(31).sample(WORDS[50:], 50), strict=True)
+)
+
+
+def translate_to_zorbish(words: list[str]) -> list[str]:
+    """Word-by-word dictionary lookup, then each pair (1st, 2nd), (3rd, 4th), ... swapped."""
+    glossed = [TO_ZORBISH[word] for word in words]
+    for i in range(0, len(glossed) - 1, 2):
+        glossed[i], glossed[i + 1] = glossed[i + 1], glossed[i]
+    return glossed
+
+
+def _draw_sentence(rng: random.Random) -> dict[str, str]:
+    words = rng.sample(ZORBISH_SOURCE_WORDS, rng.randint(3, 6))
+    return {"source": " ".join(words), "target": " ".join(translate_to_zorbish(words))}
+
+
+def translate_raw(split: str) -> list[dict]:
+    """Raw translation rows ``{source, target}``: English demo words and their Zorbish translation."""
+    return _unique_draws(split, _draw_sentence, seed_offset=2)
 
 
 # name -> generator(split) -> rows. Rows are in one of the formats the data layer normalises.
 DEMO_DATASETS: dict[str, Callable[[str], list[dict]]] = {
     "reverse/sft": reverse_sft,
+    "summarize/raw": summarize_raw,
+    "translate/raw": translate_raw,
 }
 
 DEMO_SPLITS: tuple[str, ...] = tuple(_SPLIT_SIZES)
