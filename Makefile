@@ -2,10 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 ALIGNKIT = $(VENV)/bin/alignkit
-RECIPE ?= recipes/demo/sft.yaml
+RECIPE ?=
 ARGS ?=
 
-STAGES = sft eval
+STAGES = sft eval rm dpo kto orpo
 
 .PHONY: setup demo validate score test lint clean $(STAGES)
 
@@ -21,11 +21,12 @@ demo: setup
 	$(ALIGNKIT) demo
 
 validate: setup
-	$(ALIGNKIT) validate $(RECIPE) $(ARGS)
+	$(ALIGNKIT) validate $(or $(RECIPE),recipes/demo/sft.yaml) $(ARGS)
 
 # make sft RECIPE=recipes/demo/sft.yaml ARGS="train.max_steps=100"; the same for every stage.
+# Without RECIPE, `make <stage>` runs the demo recipe of that stage (recipes/demo/<stage>.yaml).
 $(STAGES): setup
-	$(ALIGNKIT) $@ $(RECIPE) $(ARGS)
+	$(ALIGNKIT) $@ $(or $(RECIPE),recipes/demo/$@.yaml) $(ARGS)
 
 # make score FILE=runs/demo-sft/predictions.jsonl
 score: setup

@@ -59,7 +59,7 @@ def test_demo_recipe_merges_its_base() -> None:
     assert isinstance(recipe, Recipe)
     assert recipe.stage == "sft"
     assert recipe.source == DEMO_SFT
-    # From _base/demo.yaml only.
+    # From _base/demo-sft.yaml and the _base/demo.yaml it extends.
     assert recipe.model.name_or_path == "demo:tiny-llama"
     assert recipe.model.dtype == "float32"
     assert [(s.path, s.split) for s in recipe.data.train] == [("demo:reverse/sft", "train")]

@@ -79,8 +79,22 @@ def evaluate_and_report(model, tokenizer, dataset, settings: EvaluateSettings, r
     if len(results) > 1:
         write_predictions(run_dir / "predictions-compare.jsonl", results[1])
         metrics |= {f"compare/{k}": v for k, v in results[1].scores.items()}
-    (run_dir / "report.md").write_text(render_report(results, settings.report_samples))
+    judged = None
+    if settings.judge:
+        judged = judge_win_rates(settings, results)
+        metrics |= {f"eval/{k}": v for k, v in judged.items()}
+    (run_dir / "report.md").write_text(render_report(results, settings.report_samples, judged, settings.judge))
     return metrics
+
+
+def judge_win_rates(settings: EvaluateSettings, results: list[Evaluation]) -> dict[str, float]:
+    """Win / tie / loss rates of the model's answers, judged by ``settings.judge`` (a reward model) against the
+    comparison model's answers when there is one, else against the references."""
+    from alignkit.feedback import RewardModel, RewardModelJudge, win_rates
+
+    judge = RewardModelJudge(RewardModel.load(settings.judge))
+    opponent = results[1].predictions if len(results) > 1 else results[0].references
+    return win_rates(judge.compare(results[0].prompts, results[0].predictions, opponent), settings.tie_margin)
 
 
 @contextlib.contextmanager
@@ -104,13 +118,18 @@ def write_predictions(path: Path, result: Evaluation) -> None:
                                     ensure_ascii=False) + "\n")
 
 
-def render_report(results: list[Evaluation], samples: int) -> str:
-    """Markdown: a metric table with one column per model, then sample prompts with each model's answer."""
+def render_report(results: list[Evaluation], samples: int, judged: dict[str, float] | None = None,
+                  judge: str | None = None) -> str:
+    """Markdown: a metric table with one column per model, the judge's win rate, then sample answers."""
     names = list(results[0].scores)
     lines = ["# Evaluation", "", f"{len(results[0].prompts)} held-out prompts.", "",
              "| metric | " + " | ".join(f"`{r.label}`" for r in results) + " |",
              "|---" * (len(results) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(_number(r.scores.get(name)) for r in results) + " |" for name in names]
+    if judged is not None:
+        opponent = f"`{results[1].label}`" if len(results) > 1 else "the references"
+        lines += ["", f"Judged by `{judge}`: `{results[0].label}` against {opponent}: "
+                  f"win {judged['win_rate']:.3f}, tie {judged['tie_rate']:.3f}, loss {judged['loss_rate']:.3f}."]
     lines += ["", "## Samples", ""]
     for index in range(min(samples, len(results[0].prompts))):
         prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in results[0].prompts[index])
@@ -123,3 +142,17 @@ def render_report(results: list[Evaluation], samples: int) -> str:
 
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def evaluate_preference_policy(recipe, run_path: Path, fitted, stage: str) -> dict[str, float]:
+    """Generation metrics of a preference-tuned policy (DPO, KTO, ORPO) on the held-out prompts, with the
+    preferred answers (``chosen``, or the desirable ``completion`` of unpaired rows) as references."""
+    held_out = fitted.data.eval
+    if recipe.evaluate is None or held_out is None:
+        return {}
+    if "label" in held_out.column_names:
+        held_out = held_out.filter(lambda row: row["label"]).rename_column("completion", "chosen")
+    conversations = held_out.map(lambda row: {"messages": row["prompt"] + row["chosen"]},
+                                 remove_columns=held_out.column_names)
+    return evaluate_and_report(fitted.trainer.model, fitted.tokenizer, conversations, recipe.evaluate, run_path,
+                               label=f"{recipe.model.name_or_path} + {stage}", base_settings=recipe.model)

@@ -11,12 +11,15 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from alignkit.demo.build import demo_model_dir, is_demo_model
 from alignkit.errors import AlignkitError, RecipeError
-from alignkit.recipe import ModelSettings, QuantizationSettings
+from alignkit.recipe import ModelSettings, QuantizationSettings, is_run_with_adapter
+
+Head = Literal["causal_lm", "reward"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,10 +101,11 @@ def read_chat_template(value: str) -> str:
     return value
 
 
-def load_model(settings: ModelSettings, *, for_training: bool = True):
-    """The causal LM, quantised if the recipe says so, on this process's device when quantised."""
+def load_model(settings: ModelSettings, *, for_training: bool = True, head: Head = "causal_lm"):
+    """The model with a language-model head (``causal_lm``) or a scalar reward head (``reward``: a sequence
+    classifier with one label), quantised if the recipe says so, on this process's device when quantised."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs: dict = {
         "revision": settings.revision,
@@ -119,8 +123,16 @@ def load_model(settings: ModelSettings, *, for_training: bool = True):
 
             kwargs["device_map"] = {"": PartialState().local_process_index}
     path = resolve_path(settings.name_or_path)
+    if is_run_with_adapter(path):
+        # A run dir as a plain base (the start of a run_adapter: merge run): its base with its adapter folded in.
+
+        base = load_model(base_settings_of_adapter(Path(path), settings), for_training=for_training, head=head)
+        return merge_adapter(base, path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if head == "reward":
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
         raise AlignkitError(f"could not load model '{settings.name_or_path}': {err}") from None
     if for_training:
@@ -141,10 +153,6 @@ def prepare_for_kbit_training(model, gradient_checkpointing: bool):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
-
-
 def base_settings_of_adapter(path: Path, settings: ModelSettings) -> ModelSettings:
     """Model settings of the base an adapter was trained on: the run's own recipe when alignkit made it
     (so quantisation and dtype match training), else the base named in adapter_config.json."""
@@ -153,23 +161,71 @@ def base_settings_of_adapter(path: Path, settings: ModelSettings) -> ModelSettin
     recipe_file = path / "recipe.yaml"
     if recipe_file.is_file():
         saved = (yaml.safe_load(recipe_file.read_text()) or {}).get("model", {})
-        return schema.build(ModelSettings, saved, f"{recipe_file} model")
+        base = schema.build(ModelSettings, saved, f"{recipe_file} model")
+        if is_run_with_adapter(base.name_or_path) and base.run_adapter == "continue":
+            # The run trained its starting run's adapter further: this adapter holds both, so the base is
+            # that run's base (loaded the way this run loaded it).
+            inner = base_settings_of_adapter(Path(base.name_or_path), base)
+            base = dataclasses.replace(inner, dtype=base.dtype, quantization=base.quantization,
+                                       attn_implementation=base.attn_implementation)
+    else:
+        base = dataclasses.replace(settings, name_or_path=_base_named_in_adapter_config(path),
+                                   tokenizer=settings.tokenizer or str(path))
+    if base.name_or_path == settings.name_or_path:
+        raise AlignkitError(f"{path}: the adapter names itself as its base")
+    return base
+
+
+def _base_named_in_adapter_config(path: Path) -> str:
     base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:
         raise AlignkitError(f"{path}/adapter_config.json does not name its base model")
-    return dataclasses.replace(settings, name_or_path=base, tokenizer=settings.tokenizer or str(path))
+    return base
+
+
+def load_run_for_training(settings: ModelSettings, head: Head, gradient_checkpointing: bool):
+    """(model, tokenizer, keeps_adapter) for training on top of the adapter in the run dir ``settings.name_or_path``.
+
+    The base is the run's base model, loaded with *this* recipe's options (dtype, quantisation: a DPO-QLoRA
+    recipe may start from a LoRA SFT run); the tokenizer (and chat template) is the run's own. With
+    ``run_adapter: continue`` the adapter is returned trainable (``keeps_adapter`` True); with ``merge`` it
+    is folded into the base weights and the caller attaches the recipe's adapter.
+    """
+    from peft import PeftModel
+
+    path = Path(resolve_path(settings.name_or_path))
+    base = dataclasses.replace(base_settings_of_adapter(path, settings), dtype=settings.dtype,
+                               quantization=settings.quantization, attn_implementation=settings.attn_implementation,
+                               tokenizer=str(path), chat_template=None)
+    tokenizer = load_tokenizer(base)
+    model = prepare_for_kbit_training(load_model(base, head=head), gradient_checkpointing)
+    if settings.run_adapter == "continue":
+        return PeftModel.from_pretrained(model, str(path), is_trainable=True), tokenizer, True
+    return merge_adapter(model, path), tokenizer, False
+
+
+def merge_adapter(model, path: str | Path):
+    """``model`` with the adapter saved at ``path`` folded into its weights.
+
+    The adapter may come from another head: a reward model starts from an SFT run, whose adapter was saved
+    for a causal LM. The transformer body is shared, so the adapter is loaded as a task-agnostic peft model.
+    """
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(str(path))
+    if config.task_type == "CAUSAL_LM" and not hasattr(model, "prepare_inputs_for_generation"):
+        config.task_type = None
+    return PeftModel.from_pretrained(model, str(path), config=config).merge_and_unload()
 
 
 def load_for_inference(settings: ModelSettings):
     """(model, tokenizer) ready to generate: a plain model, or a base with the adapter of a run dir."""
     path = resolve_path(settings.name_or_path)
-    if not is_adapter_dir(path):
+    if not is_run_with_adapter(path):
         return load_model(settings, for_training=False), load_tokenizer(settings)
     from peft import PeftModel
 
     base_settings = base_settings_of_adapter(Path(path), settings)
-    if base_settings.name_or_path == settings.name_or_path:
-        raise AlignkitError(f"{path}: the adapter names itself as its base")
     model = PeftModel.from_pretrained(load_model(base_settings, for_training=False), path)
     # The run dir holds the tokenizer used in training (chat template included).
     tokenizer = load_tokenizer(dataclasses.replace(base_settings, tokenizer=path, chat_template=None))

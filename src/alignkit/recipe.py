@@ -83,6 +83,12 @@ class ModelSettings:
         default=None,
         metadata={"help": "Chat template to use instead of the tokenizer's: Jinja text or a path to a .jinja file."},
     )
+    run_adapter: Literal["continue", "merge"] = field(
+        default="continue",
+        metadata={"help": "When name_or_path is an alignkit run dir holding an adapter (e.g. DPO from an SFT run): "
+                  "continue = train that adapter further (DPO/KTO use a frozen copy of it as the reference); "
+                  "merge = fold it into the base weights, then attach the recipe's adapter (unquantised bases only)."},
+    )
 
 
 
@@ -143,6 +149,14 @@ class DataSettings:
     system_prompt: str | None = field(
         default=None, metadata={"help": "System message added to conversations that have none."}
     )
+    # Applied by alignkit.data.formats.from_rated; its random choice is seeded by the row number, not by
+    # `seed`, so changing the mixture seed reshuffles rows but keeps every rated row's pair.
+    pairing: Literal["best_vs_random", "best_vs_worst"] = field(
+        default="best_vs_random",
+        metadata={"help": "How rated rows (a prompt with several rated completions) become a pair: chosen is the "
+                  "highest rated (first on ties); rejected is a random lower-rated one, the same for a row on "
+                  "every run (best_vs_random), or the lowest rated (best_vs_worst)."},
+    )
 
     def __post_init__(self) -> None:
         if self.eval_size < 0:
@@ -181,6 +195,15 @@ class EvaluateSettings:
                   "(the model before training), a hub id, a local dir or a run dir."},
     )
     report_samples: int = field(default=5, metadata={"help": "Sample prompts shown in report.md."})
+    judge: str | None = field(
+        default=None,
+        metadata={"help": "A reward model (an rm run dir, a local dir or hub id) that judges the model's answers "
+                  "against the comparison model's (with `compare`) or else the references: eval/win_rate, "
+                  "eval/tie_rate, eval/loss_rate."},
+    )
+    tie_margin: float = field(
+        default=0.0, metadata={"help": "Reward differences within +-tie_margin count as ties in the win rate."}
+    )
 
     def __post_init__(self) -> None:
         from alignkit.metrics import METRICS
@@ -319,6 +342,8 @@ def _validate(raw: Mapping[str, Any], source: Path | None, adapters, stages) -> 
             raise RecipeError(f"the {stage.name} stage needs data.{group}: at least one source")
 
     train = schema.check_dict(stage.train_config(), raw.get("train") or {}, "train")
+    if stage.check_train is not None:
+        stage.check_train(train)
     train.setdefault("output_dir", str(Path("runs") / (source.stem if source else stage.name)))
     evaluate = raw.get("evaluate")
     recipe = Recipe(
@@ -335,11 +360,26 @@ def _validate(raw: Mapping[str, Any], source: Path | None, adapters, stages) -> 
     return recipe
 
 
+def is_run_with_adapter(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` is a local directory holding a peft adapter (an alignkit run dir, say)."""
+    return (Path(name_or_path) / "adapter_config.json").is_file()
+
+
 def _check_model_and_adapter(recipe: Recipe) -> None:
     quantization, method = recipe.model.quantization, recipe.adapter["method"]
     if method == "qlora" and (quantization is None or quantization.bits != 4):
         raise RecipeError("adapter method 'qlora' needs a 4-bit base: set model.quantization: {bits: 4} "
                           "(or use method 'lora')")
+    if is_run_with_adapter(recipe.model.name_or_path):
+        if recipe.model.run_adapter == "continue" and method != "none":
+            raise RecipeError(f"model.name_or_path is a run dir with an adapter and model.run_adapter is 'continue': "
+                              f"training goes on with that adapter, so remove adapter.method ({method}) or set "
+                              f"model.run_adapter: merge to fold it into the base and attach a new one")
+        if recipe.model.run_adapter == "merge" and quantization is not None:
+            raise RecipeError("model.run_adapter 'merge' folds the run's adapter into the base weights, which a "
+                              "quantised base cannot hold exactly: use run_adapter: continue or drop "
+                              "model.quantization")
+        return
     if quantization is not None and method == "none":
         raise RecipeError("a quantised model cannot be fully fine-tuned: set adapter.method to qlora or lora, "
                           "or model.quantization to null")

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from alignkit import adapters, modeling
+from alignkit.data import PreparedData
 from alignkit.errors import RecipeError
-from alignkit.recipe import Recipe
+from alignkit.recipe import Recipe, is_run_with_adapter
 from alignkit.runs import RunDir, open_run_dir
 from alignkit.stages import get_stage
 
@@ -45,14 +48,28 @@ def build_trainer(trainer_class: type, **kwargs):
         raise RecipeError(f"train: {err}") from None
 
 
-def load_model_and_tokenizer(recipe: Recipe, args) -> tuple[Any, Any, Any]:
-    """(model, tokenizer, peft_config) for a training stage; the trainer applies the peft config."""
-    tokenizer = modeling.load_tokenizer(recipe.model)
-    model = modeling.load_model(recipe.model)
-    model = modeling.prepare_for_kbit_training(model, args.gradient_checkpointing)
-    peft_config = adapters.build_peft_config(
-        recipe.adapter, task_type="CAUSAL_LM", tokenizer_path=modeling.resolve_path(recipe.model.name_or_path)
-    )
+def load_model_and_tokenizer(recipe: Recipe, args, head: modeling.Head = "causal_lm") -> tuple[Any, Any, Any]:
+    """(model, tokenizer, peft_config) for a training stage; the trainer applies the peft config.
+
+    A run dir as ``model.name_or_path`` starts from that run: its adapter is trained further (peft_config
+    None; the model is already a PeftModel) or merged into the base under the recipe's new adapter.
+    """
+    task_type = "SEQ_CLS" if head == "reward" else "CAUSAL_LM"
+    if is_run_with_adapter(recipe.model.name_or_path):
+        model, tokenizer, keeps_adapter = modeling.load_run_for_training(recipe.model, head,
+                                                                         args.gradient_checkpointing)
+        if keeps_adapter:
+            return model, tokenizer, None
+        tokenizer_path = recipe.model.name_or_path
+    else:
+        tokenizer = modeling.load_tokenizer(recipe.model)
+        model = modeling.load_model(recipe.model, head=head)
+        model = modeling.prepare_for_kbit_training(model, args.gradient_checkpointing)
+        tokenizer_path = modeling.resolve_path(recipe.model.name_or_path)
+    if head == "reward":
+        # A sequence classifier scores the last non-pad token, so it has to know which id pads.
+        model.config.pad_token_id = tokenizer.pad_token_id
+    peft_config = adapters.build_peft_config(recipe.adapter, task_type=task_type, tokenizer_path=tokenizer_path)
     return model, tokenizer, peft_config
 
 
@@ -63,7 +80,38 @@ def parameter_metrics(model) -> dict[str, int]:
     return {"model/trainable_params": trainable, "model/total_params": total}
 
 
-def train(trainer, run: RunDir) -> dict[str, float]:
+@dataclass
+class Fitted:
+    """What a training stage has after ``fit``: the trainer (and its model), tokenizer, data and metrics."""
+
+    trainer: Any
+    tokenizer: Any
+    data: PreparedData
+    metrics: dict[str, Any]
+
+
+def fit(recipe: Recipe, run: RunDir, *, config_class: type, trainer_class: type,
+        load_data: Callable[[Any], PreparedData], head: modeling.Head = "causal_lm",
+        eval_names: Mapping[str, str] | None = None, **trainer_kwargs) -> Fitted:
+    """The path every training stage takes: TRL config -> data -> model + adapter -> trainer -> train, save.
+
+    Data is loaded before the model so that bad data fails in seconds, not after a model download.
+    ``eval_names`` maps the trainer's held-out metrics (``eval_rewards/accuracies``) to alignkit's
+    (``dpo/reward_accuracy``).
+    """
+    args = training_args(recipe, config_class, run)
+    data = load_data(recipe.data)
+    run.write_json("data.json", {"train_rows": len(data.train), "eval_rows": len(data.eval or []),
+                                 "sources": [r.to_dict() for r in data.reports]})
+    model, tokenizer, peft_config = load_model_and_tokenizer(recipe, args, head)
+    trainer = build_trainer(trainer_class, model=model, args=args, train_dataset=data.train,
+                            eval_dataset=data.eval, processing_class=tokenizer, peft_config=peft_config,
+                            **trainer_kwargs)
+    metrics = parameter_metrics(trainer.model) | train(trainer, run, eval_names or {})
+    return Fitted(trainer=trainer, tokenizer=tokenizer, data=data, metrics=metrics)
+
+
+def train(trainer, run: RunDir, eval_names: Mapping[str, str]) -> dict[str, float]:
     """Train (resuming from the run dir's last checkpoint, if any), save the final model, return metrics."""
     resume = trainer.args.resume_from_checkpoint or (str(run.resume_from) if run.resume_from else None)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -77,9 +125,14 @@ def train(trainer, run: RunDir) -> dict[str, float]:
     if losses:
         metrics.update({"train/loss_start": losses[0], "train/loss_end": losses[-1]})
     if trainer.eval_dataset is not None:
-        eval_loss = trainer.evaluate().get("eval_loss")
-        if eval_loss is not None and math.isfinite(eval_loss):
-            metrics["eval/loss"] = eval_loss
+        held_out = trainer.evaluate()
+        for name, value in {"eval_loss": "eval/loss", **eval_names}.items():
+            if name in held_out and math.isfinite(held_out[name]):
+                metrics[value] = held_out[name]
+        missing = set(eval_names) - set(held_out)
+        if missing:  # a TRL upgrade renamed a metric: say so rather than silently dropping it
+            logger.warning("the trainer reported no %s (it reported: %s)", ", ".join(sorted(missing)),
+                           ", ".join(sorted(held_out)))
     return metrics
 
 

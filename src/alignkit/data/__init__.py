@@ -1,5 +1,9 @@
 """Datasets for every stage: sources -> normalised rows -> weighted mixture -> train / eval splits.
 
+SFT data becomes ``{"messages": [...]}`` rows (:func:`load_sft_data`); preference data becomes TRL's
+conversational pairs or unpaired rows (:func:`load_preference_data`). :mod:`alignkit.data.formats` lists
+the row formats each accepts.
+
 Bad rows never stop a run: each source's rows that do not fit its format are counted by reason and
 reported (with the first offending row number); a source left with no valid rows is an error.
 """
@@ -11,6 +15,7 @@ import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from alignkit.data import formats, sources
 from alignkit.errors import DataError
@@ -53,12 +58,24 @@ class PreparedData:
 def load_sft_source(source: DataSource, where: str, system_prompt: str | None = None) -> tuple[list, SourceReport]:
     """Normalised conversations of one source and its report."""
     rows = sources.read_rows(source, where)
-    return _normalise(rows, source, where, lambda fmt: formats.SFT_FORMATS[fmt], formats.SFT_FORMATS,
+    return _normalise(rows, source, where, _sft_converter, formats.SFT_FORMATS,
                       lambda messages: formats.add_system_prompt(messages, system_prompt))
 
 
-def _normalise(rows, source: DataSource, where: str, converter_for: Callable[[str], Callable],
-               known_formats, finish: Callable = lambda x: x) -> tuple[list, SourceReport]:
+def _sft_converter(fmt: str) -> Callable[[dict, int], list]:
+    convert = formats.SFT_FORMATS[fmt]
+    return lambda row, _row_number: convert(row)
+
+
+def _normalise(rows, source: DataSource, where: str, converter_for: Callable[[str], Callable[[dict, int], Any]],
+               known_formats, finish: Callable = lambda x: x,
+               settle: Callable[[list], list] | None = None) -> tuple[list, SourceReport]:
+    """Convert a source's rows with the converter of its format (named, or detected from the columns).
+
+    ``converter_for(format)`` returns ``convert(row, row_number)``; the row number lets a converter make
+    per-row random choices that repeat on every run. ``settle``, if given, judges the converted rows
+    together (for rules about the whole source) and returns each one, possibly changed, or a RowError.
+    """
     if source.format != "auto" and source.format not in known_formats:
         from alignkit.suggest import did_you_mean
 
@@ -66,7 +83,7 @@ def _normalise(rows, source: DataSource, where: str, converter_for: Callable[[st
                         f"Choose auto or one of: {', '.join(known_formats)}")
     report = SourceReport(where=where, path=source.path, format=source.format)
     convert = None if source.format == "auto" else converter_for(source.format)
-    kept = []
+    kept: list[tuple[int, Any]] = []  # (row number, converted row)
     undetected: list[tuple[int, dict]] = []  # auto: rows seen before the format is known whose columns fit none
     for row_number, row in rows:
         if source.max_rows is not None and report.rows_read >= source.max_rows:
@@ -80,13 +97,13 @@ def _normalise(rows, source: DataSource, where: str, converter_for: Callable[[st
             if source.templates:
                 row = formats.apply_template(row, pick_template(source.templates, row_number))
             if convert is None:  # auto: the first row whose columns fit a format decides
-                detected = formats.detect_format(row)
-                if detected is None or detected not in known_formats:
+                detected = formats.detect_format(row, known_formats)
+                if detected is None:
                     # A JSON Lines row may just lack a field: judge it once a later row reveals the format.
                     undetected.append((row_number, row))
                     continue
                 report.format, convert = detected, converter_for(detected)
-            kept.append(finish(convert(row)))
+            kept.append((row_number, finish(convert(row, row_number))))
         except formats.RowError as err:
             _skip(report, err, row_number)
     if undetected and convert is None:
@@ -94,16 +111,23 @@ def _normalise(rows, source: DataSource, where: str, converter_for: Callable[[st
                         f"({', '.join(undetected[0][1])}); set format: to one of {', '.join(known_formats)}")
     for row_number, row in undetected:
         try:
-            kept.append(finish(convert(row)))
+            kept.append((row_number, finish(convert(row, row_number))))
         except formats.RowError as err:
             _skip(report, err, row_number)
+    if settle is not None:
+        settled = settle([item for _, item in kept])
+        for (row_number, _), outcome in zip(kept, settled):
+            if isinstance(outcome, formats.RowError):
+                _skip(report, outcome, row_number)
+        kept = [(row_number, outcome) for (row_number, _), outcome in zip(kept, settled)
+                if not isinstance(outcome, formats.RowError)]
     report.rows_kept = len(kept)
     if report.skipped:
         logger.warning(report.summary())
     if not kept:
         detail = f": {report.summary()}" if report.rows_read else " (it is empty)"
         raise DataError(f"{where}: no usable rows in '{source.path}'{detail}")
-    return kept, report
+    return [item for _, item in kept], report
 
 
 def pick_template(templates: list[str], row_number: int) -> str:
@@ -137,7 +161,9 @@ def load_sft_data(settings: DataSettings) -> PreparedData:
     return _mix(settings, load, lambda messages: {"messages": messages})
 
 
-def _mix(settings: DataSettings, load_source: Callable, to_row: Callable) -> PreparedData:
+def _mix(settings: DataSettings, load_source: Callable, to_row: Callable,
+         expand: Callable[[Any], list] | None = None) -> PreparedData:
+    """Weight, shuffle and split the sources' rows; ``expand``, if given, turns each row into several."""
     from datasets import Dataset
 
     rng = random.Random(settings.seed)
@@ -156,10 +182,96 @@ def _mix(settings: DataSettings, load_source: Callable, to_row: Callable) -> Pre
             eval_rows += rows
     elif settings.eval_size > 0:
         train_rows, eval_rows = split_eval(train_rows, settings.eval_size)
+    if expand is not None:
+        # After the split, so the rows made from one source row (a pair's two halves) never end up on both
+        # sides; shuffled again so they are not neighbours: TRL's KTO trainer takes each row's neighbour's
+        # completion as the mismatched sample of its KL estimate.
+        train_rows = [out for row in train_rows for out in expand(row)]
+        eval_rows = [out for row in eval_rows for out in expand(row)]
+        rng.shuffle(train_rows)
+        rng.shuffle(eval_rows)
 
     as_dataset = lambda rows: Dataset.from_list([to_row(r) for r in rows])  # noqa: E731
     return PreparedData(train=as_dataset(train_rows), eval=as_dataset(eval_rows) if eval_rows else None,
                         reports=reports)
+
+
+PreferenceKind = Literal["pairs", "unpaired"]
+PAIR_STAGES_MESSAGE = "unpaired rows (completion/label) are for the kto stage; rm/dpo/orpo need pairs"
+
+
+def load_preference_source(source: DataSource, where: str, kind: PreferenceKind,
+                           pairing: formats.Pairing = "best_vs_random",
+                           system_prompt: str | None = None) -> tuple[list[dict[str, Any]], SourceReport]:
+    """Normalised preference rows of one source (see :data:`formats.PREFERENCE_FORMATS`) and its report.
+
+    Rows are pairs ``{"prompt", "chosen", "rejected"}`` (plus ``"margin"`` when the source has one), or,
+    for an ``unpaired`` source with ``kind="unpaired"``, ``{"prompt", "completion", "label"}``. Pairs are
+    split for KTO only once the mixture is made (:func:`load_preference_data`), so weights count pairs.
+    """
+    if source.templates and source.format == "implicit_preference":
+        raise DataError(f"{where}: templates write a 'prompt' column, but implicit_preference rows take their "
+                        "prompt from chosen/rejected; remove templates or use format: preference")
+
+    def converter_for(fmt: str) -> Callable[[dict, int], dict[str, Any]]:
+        if fmt == "unpaired" and kind == "pairs":
+            raise DataError(f"{where}: '{source.path}' is in the unpaired format; {PAIR_STAGES_MESSAGE} "
+                            "(prompt/chosen/rejected, chosen/rejected conversations, or rated completions)")
+        convert = formats.PREFERENCE_FORMATS[fmt]
+        return lambda row, row_number: convert(row, row_number, pairing)
+
+    rows = sources.read_rows(source, where)
+    return _normalise(rows, source, where, converter_for, formats.PREFERENCE_FORMATS,
+                      lambda row: formats.with_system_prompt(row, system_prompt),
+                      _settle_margins if kind == "pairs" else None)
+
+
+def _settle_margins(pairs: list[dict[str, Any]]) -> list[dict[str, Any] | formats.RowError]:
+    # A source has margins when any of its pairs has one; then every pair needs one, because TRL's reward
+    # trainer applies the margin column to whole batches.
+    if not any("margin" in pair for pair in pairs):
+        return pairs
+    settled: list[dict[str, Any] | formats.RowError] = []
+    for pair in pairs:
+        if "margin" not in pair:
+            settled.append(formats.RowError("'margin' is missing"))
+        elif (margin := formats.as_number(pair["margin"])) is None:
+            settled.append(formats.RowError("'margin' is not a number"))
+        else:
+            settled.append({**pair, "margin": margin})
+    return settled
+
+
+def load_preference_data(settings: DataSettings, kind: PreferenceKind) -> PreparedData:
+    """The preference mixture in TRL's conversational format, with a held-out split.
+
+    ``kind="pairs"`` (reward model, DPO, ORPO): rows ``{"prompt": [...], "chosen": [...], "rejected": [...]}``,
+    plus ``"margin"`` when the sources have one (all of them or none). ``kind="unpaired"`` (KTO): rows
+    ``{"prompt": [...], "completion": [...], "label": bool}``; paired sources are accepted too, each pair
+    giving a desirable (chosen) and an undesirable (rejected) row. Rated sources are paired by
+    ``settings.pairing``. The prompt gets ``settings.system_prompt`` unless it has a system message.
+    """
+    if kind not in ("pairs", "unpaired"):
+        raise ValueError(f"kind must be 'pairs' or 'unpaired', not {kind!r}")
+    loaded: dict[str, tuple[list, SourceReport]] = {}  # where -> rows and report; _mix takes them from here
+    for group in ("train", "eval"):
+        for index, source in enumerate(getattr(settings, group) or []):
+            where = f"data.{group}[{index}]"
+            loaded[where] = load_preference_source(source, where, kind, settings.pairing, settings.system_prompt)
+    if kind == "pairs":
+        _check_margins_agree(loaded)
+    return _mix(settings, lambda source, where: loaded[where], lambda row: row,
+                formats.to_unpaired if kind == "unpaired" else None)
+
+
+def _check_margins_agree(loaded: dict[str, tuple[list, SourceReport]]) -> None:
+    # One dataset needs one set of columns, and a margin that only some batches carry would make the
+    # reward loss differ from batch to batch.
+    with_margin = [f"{where} ({report.path})" for where, (rows, report) in loaded.items() if "margin" in rows[0]]
+    without = [f"{where} ({report.path})" for where, (rows, report) in loaded.items() if "margin" not in rows[0]]
+    if with_margin and without:
+        raise DataError(f"some sources have a margin column and some do not: with: {', '.join(with_margin)}; "
+                        f"without: {', '.join(without)}. Give every source a margin, or none")
 
 
 def check_sources(settings: DataSettings) -> None:

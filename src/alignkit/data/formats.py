@@ -5,14 +5,27 @@ Accepted for SFT:
   ``prompt_completion``  ``{"prompt": str | messages, "completion": str | messages}``
   ``alpaca``             ``{"instruction": str, "input": str (optional), "output": str}``
   ``sharegpt``           ``{"conversations": [{"from": "human" | "gpt" | "system", "value": ...}, ...]}``
+Accepted for preference stages (rm, dpo, orpo need pairs; kto takes pairs or unpaired rows):
+  ``preference``           ``{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}``
+  ``implicit_preference``  ``{"chosen": messages, "rejected": messages}``: full conversations; the shared
+                           leading messages are the prompt
+  ``rated``                ``{"prompt": str | messages, "completions": [...], "ratings": [...]}`` or completions as
+                           ``{"response" | "text" | "content": str, "rating" | "score" | "overall_score": number}``
+                           (UltraFeedback-like); one pair per row, chosen by the ``pairing`` rule
+  ``unpaired``             ``{"prompt": str | messages, "completion": str | messages, "label": bool}`` (kto only)
+Preference rows come out in TRL's conversational form: ``prompt`` is messages ending with a user turn and
+``chosen`` / ``rejected`` / ``completion`` are assistant messages.
+
 ``auto`` picks the format from the columns. A row that does not fit raises :class:`RowError`; the caller
 counts and reports those rows instead of failing on the first one.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
@@ -103,20 +116,27 @@ SFT_FORMATS: dict[str, Callable[[dict], list[dict[str, str]]]] = {
     "sharegpt": from_sharegpt,
 }
 
-# Columns that identify each format, most specific first.
+# Columns that identify each format, most specific first. SFT and preference formats are detected
+# separately (see ``candidates`` below): a preference file often has a `messages` column too, and an SFT
+# file may have a `label` column, which must not turn prompt_completion rows into unpaired ones.
 _SIGNATURES: tuple[tuple[str, frozenset[str]], ...] = (
     ("messages", frozenset({"messages"})),
     ("sharegpt", frozenset({"conversations"})),
     ("alpaca", frozenset({"instruction", "output"})),
+    ("preference", frozenset({"prompt", "chosen", "rejected"})),
+    ("implicit_preference", frozenset({"chosen", "rejected"})),
+    ("rated", frozenset({"prompt", "completions"})),
+    ("unpaired", frozenset({"prompt", "completion", "label"})),
     ("prompt_completion", frozenset({"prompt", "completion"})),
 )
 
 
-def detect_format(columns: Iterable[str]) -> str | None:
-    """The format whose identifying columns are all present, or None."""
+def detect_format(columns: Iterable[str], candidates: Iterable[str] | None = None) -> str | None:
+    """The first of ``candidates`` (default: the SFT formats) whose identifying columns are all present, or None."""
+    allowed = set(SFT_FORMATS if candidates is None else candidates)
     present = set(columns)
     for name, needed in _SIGNATURES:
-        if needed <= present:
+        if name in allowed and needed <= present:
             return name
     return None
 
@@ -136,3 +156,229 @@ def add_system_prompt(messages: list[dict[str, str]], system_prompt: str | None)
     if not system_prompt or (messages and messages[0]["role"] == "system"):
         return messages
     return [{"role": "system", "content": system_prompt}, *messages]
+
+
+# --------------------------------------------------------------------------------------------------
+# Preference rows (rm, dpo, orpo: pairs; kto: unpaired rows, or pairs split in two)
+# --------------------------------------------------------------------------------------------------
+
+Pairing = Literal["best_vs_random", "best_vs_worst"]
+PreferenceConverter = Callable[[dict, int, Pairing], dict[str, Any]]
+
+PROMPT_END_ROLES = ("user", "tool")  # the turn a reply follows: a user message or a tool result
+TEXT_KEYS = ("response", "text", "content")  # a rated completion's text, first present wins
+SCORE_KEYS = ("rating", "score", "overall_score")  # a rated completion's score, first present wins
+
+
+def _either(keys: tuple[str, ...]) -> str:
+    return f"{', '.join(keys[:-1])} or {keys[-1]}"
+
+
+def _prompt(row: dict) -> list[dict[str, str]]:
+    """``prompt`` as messages: a string is one user message; messages must end with the user's turn."""
+    value = row.get("prompt")
+    if not isinstance(value, list):
+        return [{"role": "user", "content": _text(row, "prompt")}]
+    messages = _check_messages(value, "prompt")
+    if messages[-1]["role"] not in PROMPT_END_ROLES:
+        raise RowError("'prompt' does not end with a user turn")
+    if not messages[-1]["content"].strip():
+        raise RowError("'prompt' is empty")
+    return messages
+
+
+def _assistant_turns(messages: list[dict[str, str]], key: str) -> list[dict[str, str]]:
+    for message in messages:
+        if message["role"] != "assistant":
+            raise RowError(f"'{key}' has a message with role {message['role']!r} (expected assistant)")
+    if not any(message["content"].strip() for message in messages):
+        raise RowError(f"'{key}' is empty")
+    return messages
+
+
+def _answer(row: dict, key: str) -> list[dict[str, str]]:
+    """``row[key]`` as assistant messages: a string is one assistant message."""
+    value = row.get(key)
+    if not isinstance(value, list):
+        return [{"role": "assistant", "content": _text(row, key)}]
+    return _assistant_turns(_check_messages(value, key), key)
+
+
+def _conversation(row: dict, key: str) -> list[dict[str, str]]:
+    value = row.get(key)
+    if value is None:
+        raise RowError(f"'{key}' is missing")
+    if not isinstance(value, list):
+        raise RowError(f"'{key}' is not a list of messages")
+    return _check_messages(value, key)
+
+
+def _pair(prompt: list[dict[str, str]], chosen: list[dict[str, str]], rejected: list[dict[str, str]],
+          row: dict) -> dict[str, Any]:
+    # Compared without surrounding whitespace: answers that differ only there teach the model nothing.
+    if [(m["role"], m["content"].strip()) for m in chosen] == [(m["role"], m["content"].strip()) for m in rejected]:
+        raise RowError("'chosen' and 'rejected' are identical")
+    pair: dict[str, Any] = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if row.get("margin") is not None:  # checked per source by the loader: all of a source's pairs or none
+        pair["margin"] = row["margin"]
+    return pair
+
+
+def _holds_prompt(value: Any) -> bool:
+    """Whether ``value`` is a full conversation (it starts with a message that is not the assistant's)."""
+    return (isinstance(value, list) and bool(value) and isinstance(value[0], dict)
+            and value[0].get("role") != "assistant")
+
+
+def from_preference(row: dict, row_number: int, pairing: Pairing) -> dict[str, Any]:
+    """``{"prompt", "chosen", "rejected"}``, each a string or messages, to a conversational pair.
+
+    Some datasets (HuggingFaceH4/ultrafeedback_binarized) put the whole conversation in chosen and rejected
+    next to a prompt column; as in TRL, the prompt is then the conversations' shared start, and the
+    prompt column must agree with it.
+    """
+    if _holds_prompt(row.get("chosen")) or _holds_prompt(row.get("rejected")):
+        pair = from_implicit_preference(row, row_number, pairing)
+        _check_same_prompt(row.get("prompt"), pair["prompt"])
+        return pair
+    return _pair(_prompt(row), _answer(row, "chosen"), _answer(row, "rejected"), row)
+
+
+def _check_same_prompt(column: Any, shared: list[dict[str, str]]) -> None:
+    if column is None:
+        return
+    if isinstance(column, str):
+        same = column.strip() == shared[-1]["content"].strip()
+    else:
+        same = _check_messages(column, "prompt") == shared
+    if not same:
+        raise RowError("'prompt' differs from the prompt inside 'chosen' and 'rejected'")
+
+
+def from_implicit_preference(row: dict, row_number: int, pairing: Pairing) -> dict[str, Any]:
+    """``{"chosen": messages, "rejected": messages}``: the shared leading messages are the prompt."""
+    chosen, rejected = _conversation(row, "chosen"), _conversation(row, "rejected")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    # Assistant turns at the end of the shared start belong to the answers: a prompt ends with the user's turn.
+    while shared and chosen[shared - 1]["role"] == "assistant":
+        shared -= 1
+    if not shared or chosen[shared - 1]["role"] not in PROMPT_END_ROLES:
+        raise RowError("'chosen' and 'rejected' share no prompt")
+    answers = []
+    for key, conversation in (("chosen", chosen), ("rejected", rejected)):
+        tail = conversation[shared:]
+        if not tail or any(m["role"] != "assistant" for m in tail):
+            raise RowError(f"'{key}' does not end with assistant turns after the shared prompt")
+        answers.append(_assistant_turns(tail, key))
+    return _pair(chosen[:shared], *answers, row)
+
+
+def as_number(value: Any) -> float | None:
+    """``value`` as a finite float, or None when it is not a number (booleans are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _completion_text(completion: Any) -> str:
+    if isinstance(completion, dict):
+        completion = next((completion[k] for k in TEXT_KEYS if completion.get(k) is not None), None)
+        if completion is None:
+            raise RowError(f"a completion has no text ({_either(TEXT_KEYS)})")
+    if not isinstance(completion, str):
+        raise RowError("a completion is not a string")
+    return completion
+
+
+def _rating(value: Any) -> float:
+    rating = as_number(value)
+    if rating is None:
+        raise RowError("a rating is not a number")
+    return rating
+
+
+def _scored_completion(completion: Any) -> tuple[str, float]:
+    if not isinstance(completion, dict):
+        raise RowError("'ratings' is missing")  # plain-text completions need the parallel ratings list
+    score = next((completion[k] for k in SCORE_KEYS if completion.get(k) is not None), None)
+    if score is None:
+        raise RowError(f"a completion has no rating ({_either(SCORE_KEYS)})")
+    return _completion_text(completion), _rating(score)
+
+
+def from_rated(row: dict, row_number: int, pairing: Pairing) -> dict[str, Any]:
+    """A prompt with several rated completions (UltraFeedback-like) to one pair.
+
+    Completions are strings with a parallel ``ratings`` list, or mappings with a text (``response``,
+    ``text`` or ``content``) and a score (``rating``, ``score`` or ``overall_score``); blank completions are
+    left out. Chosen is the highest rated (the first one on ties). Rejected is, among the completions rated
+    strictly lower, a random one for ``best_vs_random`` (seeded by the row number, so a row always gets the
+    same pair) or the lowest rated (the first on ties) for ``best_vs_worst``. Rated rows carry no margin.
+    """
+    prompt = _prompt(row)
+    completions = row.get("completions")
+    if completions is None:
+        raise RowError("'completions' is missing")
+    if not isinstance(completions, list):
+        raise RowError("'completions' is not a list")
+    ratings = row.get("ratings")
+    if ratings is not None:
+        if not isinstance(ratings, list):
+            raise RowError("'ratings' is not a list")
+        if len(ratings) != len(completions):
+            raise RowError("'ratings' and 'completions' differ in length")
+        scored = [(_completion_text(c), _rating(r)) for c, r in zip(completions, ratings)]
+    else:
+        scored = [_scored_completion(c) for c in completions]
+    # A blank answer cannot be chosen, and as the rejected one it teaches nothing worth a pair.
+    scored = [(text, rating) for text, rating in scored if text.strip()]
+    if len(scored) < 2:
+        raise RowError("fewer than two non-empty completions")
+    best_text, best_rating = max(scored, key=lambda item: item[1])  # max keeps the first of equals
+    lower = [(text, rating) for text, rating in scored if rating < best_rating]
+    if not lower:
+        raise RowError("no rating difference")
+    lower = [(text, rating) for text, rating in lower if text.strip() != best_text.strip()]
+    if not lower:
+        raise RowError("'chosen' and 'rejected' are identical")
+    if pairing == "best_vs_worst":
+        rejected = min(lower, key=lambda item: item[1])[0]
+    else:
+        rejected = random.Random(f"pairing-{row_number}").choice(lower)[0]
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": best_text}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def from_unpaired(row: dict, row_number: int, pairing: Pairing) -> dict[str, Any]:
+    """``{"prompt", "completion", "label"}`` (KTO's unpaired form); ``label`` is a boolean, or 0 / 1."""
+    prompt, completion = _prompt(row), _answer(row, "completion")
+    label = row.get("label")
+    if label is None:
+        raise RowError("'label' is missing")
+    # Only true booleans and the integers 0 / 1: "false" as text or 0.7 are too easy to misread.
+    if not isinstance(label, bool) and not (type(label) is int and label in (0, 1)):
+        raise RowError("'label' is not a boolean")
+    return {"prompt": prompt, "completion": completion, "label": bool(label)}
+
+
+PREFERENCE_FORMATS: dict[str, PreferenceConverter] = {
+    "preference": from_preference,
+    "implicit_preference": from_implicit_preference,
+    "rated": from_rated,
+    "unpaired": from_unpaired,
+}
+
+
+def with_system_prompt(row: dict[str, Any], system_prompt: str | None) -> dict[str, Any]:
+    """A preference or unpaired row with ``system_prompt`` prepended to its prompt (unless it has one)."""
+    return {**row, "prompt": add_system_prompt(row["prompt"], system_prompt)}
+
+
+def to_unpaired(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """KTO rows from one normalised row: a pair becomes (chosen, True) and (rejected, False); margins are dropped."""
+    if "label" in row:
+        return [row]
+    return [{"prompt": row["prompt"], "completion": row["chosen"], "label": True},
+            {"prompt": row["prompt"], "completion": row["rejected"], "label": False}]

@@ -145,11 +145,82 @@ def translate_raw(split: str) -> list[dict]:
     return _unique_draws(split, _draw_sentence, seed_offset=2)
 
 
+# Preference data for the reversal task: the correct reversal against a corrupted one. The corruptions are
+# the mistakes a half-trained model makes: echoing the input, two words out of order, a word dropped, a
+# word repeated in place of another.
+CORRUPTIONS: tuple[str, ...] = ("unreversed", "swap", "drop", "repeat")
+
+
+def corrupt_reversal(phrase: list[str], kind: str, rng: random.Random) -> list[str]:
+    """A wrong answer to ``reverse: <phrase>`` of the given ``kind`` (always different from the right one)."""
+    answer = list(reversed(phrase))
+    if kind == "unreversed":
+        return list(phrase)
+    position = rng.randrange(len(answer) - 1)
+    if kind == "swap":
+        answer[position], answer[position + 1] = answer[position + 1], answer[position]
+    elif kind == "drop":
+        del answer[rng.randrange(len(answer))]
+    elif kind == "repeat":
+        answer[position + 1] = answer[position]
+    else:
+        raise ValueError(f"unknown corruption {kind!r}")
+    return answer
+
+
+def _reverse_prompt(phrase: list[str]) -> list[dict]:
+    return [{"role": "user", "content": f"{REVERSE_INSTRUCTION} {' '.join(phrase)}"}]
+
+
+def _answer(words: list[str]) -> list[dict]:
+    return [{"role": "assistant", "content": " ".join(words)}]
+
+
+def reverse_preference(split: str) -> list[dict]:
+    """Conversational preference pairs: ``chosen`` reverses the words, ``rejected`` is a corruption."""
+    rng = random.Random(f"reverse-preference-{split}")
+    rows = []
+    for phrase in _unique_draws(split, _random_phrase):
+        kind = CORRUPTIONS[len(rows) % len(CORRUPTIONS)]
+        rows.append({"prompt": _reverse_prompt(phrase), "chosen": _answer(list(reversed(phrase))),
+                     "rejected": _answer(corrupt_reversal(phrase, kind, rng))})
+    return rows
+
+
+def reverse_unpaired(split: str) -> list[dict]:
+    """KTO-style unpaired rows: each prompt has one answer, labelled desirable (right) or not (corrupted)."""
+    rng = random.Random(f"reverse-unpaired-{split}")
+    rows = []
+    for index, phrase in enumerate(_unique_draws(split, _random_phrase)):
+        good = index % 2 == 0
+        answer = list(reversed(phrase)) if good else corrupt_reversal(phrase, CORRUPTIONS[index // 2 % 4], rng)
+        rows.append({"prompt": _reverse_prompt(phrase), "completion": _answer(answer), "label": good})
+    return rows
+
+
+def reverse_rated(split: str) -> list[dict]:
+    """UltraFeedback-like rows: a prompt, four completions and a 1-10 rating each (right = 10, echo = 1)."""
+    rng = random.Random(f"reverse-rated-{split}")
+    ratings = {"right": 10, "swap": 6, "drop": 4, "repeat": 3, "unreversed": 1}
+    rows = []
+    for phrase in _unique_draws(split, _random_phrase):
+        kinds = ["right", *rng.sample(CORRUPTIONS, 3)]
+        rng.shuffle(kinds)
+        completions = [" ".join(reversed(phrase)) if kind == "right" else " ".join(corrupt_reversal(phrase, kind, rng))
+                       for kind in kinds]
+        rows.append({"prompt": f"{REVERSE_INSTRUCTION} {' '.join(phrase)}", "completions": completions,
+                     "ratings": [ratings[kind] for kind in kinds]})
+    return rows
+
+
 # name -> generator(split) -> rows. Rows are in one of the formats the data layer normalises.
 DEMO_DATASETS: dict[str, Callable[[str], list[dict]]] = {
     "reverse/sft": reverse_sft,
     "summarize/raw": summarize_raw,
     "translate/raw": translate_raw,
+    "reverse/preference": reverse_preference,
+    "reverse/unpaired": reverse_unpaired,
+    "reverse/rated": reverse_rated,
 }
 
 DEMO_SPLITS: tuple[str, ...] = tuple(_SPLIT_SIZES)

@@ -17,6 +17,10 @@ from alignkit.suggest import did_you_mean
 STAGES: dict[str, str] = {
     "sft": "alignkit.stages.sft",
     "eval": "alignkit.stages.eval",
+    "rm": "alignkit.stages.rm",
+    "dpo": "alignkit.stages.dpo",
+    "kto": "alignkit.stages.kto",
+    "orpo": "alignkit.stages.orpo",
 }
 
 
@@ -30,6 +34,9 @@ class Stage:
     run: Callable[..., dict[str, Any]]  # run(recipe, run_dir) -> flat metrics
     sections: dict[str, type] = field(default_factory=dict)
     required_data: tuple[str, ...] = ("train",)  # data groups the stage cannot run without
+    # Checks of the validated ``train`` section that the TRL config only makes once training has started
+    # (an unknown DPO loss type, say); raises RecipeError.
+    check_train: Callable[[dict[str, Any]], None] | None = None
 
 
 def get_stage(name: str) -> Stage:

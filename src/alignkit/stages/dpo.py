@@ -1,0 +1,49 @@
+"""Direct preference optimisation on TRL's DPOTrainer, any of its loss types (``train.loss_type``).
+
+The reference model is never a second copy: with a fresh adapter it is the base with the adapter
+disabled; starting from a run dir (``model.name_or_path: runs/demo-sft``) the run's adapter is trained
+further and TRL keeps a frozen copy of it as the reference, so the reference is the SFT policy.
+Held-out pairs give ``dpo/reward_accuracy`` and ``dpo/margin`` (implicit rewards, chosen minus rejected).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from trl import DPOConfig, DPOTrainer
+
+from alignkit import training
+from alignkit.data import load_preference_data
+from alignkit.errors import RecipeError
+from alignkit.evaluation import evaluate_preference_policy
+from alignkit.recipe import Recipe
+from alignkit.runs import RunDir
+from alignkit.stages import Stage
+from alignkit.suggest import did_you_mean
+
+# The loss types of TRL 1.16's DPOTrainer (its DPOConfig docs); TRL itself only rejects an unknown one at
+# the first training step, after the model has loaded.
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+EVAL_NAMES = {"eval_rewards/accuracies": "dpo/reward_accuracy", "eval_rewards/margins": "dpo/margin",
+              "eval_rewards/chosen": "dpo/reward_chosen", "eval_rewards/rejected": "dpo/reward_rejected"}
+
+
+def run(recipe: Recipe, run_dir: RunDir) -> dict:
+    fitted = training.fit(recipe, run_dir, config_class=DPOConfig, trainer_class=DPOTrainer,
+                          load_data=partial(load_preference_data, kind="pairs"), eval_names=EVAL_NAMES)
+    return fitted.metrics | evaluate_preference_policy(recipe, run_dir.path, fitted, "dpo")
+
+
+def check_train(train: dict) -> None:
+    """Every ``train.loss_type`` must be one TRL knows."""
+    loss_types = train.get("loss_type") or []
+    for name in [loss_types] if isinstance(loss_types, str) else loss_types:
+        if name not in LOSS_TYPES:
+            raise RecipeError(f"train.loss_type: unknown DPO loss '{name}'.{did_you_mean(name, LOSS_TYPES)} "
+                              f"Loss types: {', '.join(LOSS_TYPES)}")
+
+
+STAGE = Stage(name="dpo", help="Direct preference optimisation (TRL DPOTrainer)", train_config=lambda: DPOConfig,
+              run=run, check_train=check_train)

@@ -1,0 +1,49 @@
+"""Reward modelling on TRL's RewardTrainer: a scalar head trained on preference pairs (Bradley-Terry loss).
+
+recipe -> sequence classifier with one label (+ adapter; peft saves the new head with it) -> pairs ->
+RewardTrainer -> run dir. Held-out pairs give ``rm/accuracy`` (chosen scored above rejected) and
+``rm/margin`` (mean score difference). The run dir loads back as a scorer: ``alignkit.feedback.RewardModel``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from trl import RewardConfig, RewardTrainer
+
+from alignkit import training
+from alignkit.data import load_preference_data
+from alignkit.errors import RecipeError
+from alignkit.feedback import RewardModel
+from alignkit.recipe import Recipe, is_run_with_adapter
+from alignkit.runs import RunDir
+from alignkit.stages import Stage
+
+
+def run(recipe: Recipe, run_dir: RunDir) -> dict:
+    if is_run_with_adapter(recipe.model.name_or_path) and recipe.model.run_adapter == "continue":
+        # A language-model adapter has no reward head to continue: start from the run merged into its base.
+        raise RecipeError("the rm stage starts a new reward head: to start from a run dir with an adapter, set "
+                          "model.run_adapter: merge (and give the reward model its own adapter section)")
+    fitted = training.fit(recipe, run_dir, config_class=RewardConfig, trainer_class=RewardTrainer,
+                          load_data=partial(load_preference_data, kind="pairs"), head="reward")
+    if fitted.data.eval is None:
+        return fitted.metrics
+    # Scored with the same scorer later stages load (TRL's own accuracy is a mean of per-batch means).
+    scorer = RewardModel(model=fitted.trainer.model, tokenizer=fitted.tokenizer,
+                         batch_size=fitted.trainer.args.per_device_eval_batch_size)
+    return fitted.metrics | pair_accuracy(scorer, fitted.data.eval)
+
+
+def pair_accuracy(scorer: RewardModel, pairs) -> dict[str, float]:
+    """``rm/accuracy`` (share of pairs whose chosen answer scores higher) and ``rm/margin`` (mean difference)."""
+    prompts = pairs["prompt"]
+    chosen = scorer.score(prompts, [answer[-1]["content"] for answer in pairs["chosen"]])
+    rejected = scorer.score(prompts, [answer[-1]["content"] for answer in pairs["rejected"]])
+    differences = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    return {"rm/accuracy": sum(d > 0 for d in differences) / len(differences),
+            "rm/margin": sum(differences) / len(differences)}
+
+
+STAGE = Stage(name="rm", help="Reward modelling on preference pairs (TRL RewardTrainer)",
+              train_config=lambda: RewardConfig, run=run)
