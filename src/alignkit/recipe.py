@@ -314,6 +314,9 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
             where = ".".join(parts[: depth + 1])
             raise RecipeError(f"bad override '{override}': '{where}' is not a section (it holds {child!r})")
         node = child
+    if len(parts) == 1 and value.strip() in ("null", "~"):
+        node[parts[0]] = None  # a whole optional section switched off: `evaluate=null`
+        return
     node[parts[-1]] = Raw(value)
 
 

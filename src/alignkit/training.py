@@ -8,6 +8,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from alignkit import adapters, modeling
@@ -30,9 +31,9 @@ def run_stage(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) 
     return metrics
 
 
-def training_args(recipe: Recipe, config_class: type, run: RunDir):
-    """The stage's TRL config from ``recipe.train``, writing into the run dir."""
-    values = dict(recipe.train, output_dir=str(run.path))
+def training_args(recipe: Recipe, config_class: type, output_dir: Path):
+    """The stage's TRL config from ``recipe.train``, writing into ``output_dir`` (the run dir)."""
+    values = dict(recipe.train, output_dir=str(output_dir))
     try:
         return config_class(**values)
     except (ValueError, TypeError) as err:  # TRL / transformers cross-field checks in __post_init__
@@ -99,7 +100,7 @@ def fit(recipe: Recipe, run: RunDir, *, config_class: type, trainer_class: type,
     ``eval_names`` maps the trainer's held-out metrics (``eval_rewards/accuracies``) to alignkit's
     (``dpo/reward_accuracy``).
     """
-    args = training_args(recipe, config_class, run)
+    args = training_args(recipe, config_class, run.path)
     data = load_data(recipe.data)
     run.write_json("data.json", {"train_rows": len(data.train), "eval_rows": len(data.eval or []),
                                  "sources": [r.to_dict() for r in data.reports]})
