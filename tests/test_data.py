@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from conftest import assistant, system, user, write_jsonl
 from datasets import Dataset
 
 from alignkit.data import apply_weight, load_sft_data, load_sft_source, split_eval
@@ -20,23 +21,6 @@ from alignkit.recipe import DataSettings, DataSource
 
 WHERE = "data.train[0]"
 
-
-def user(text: str) -> dict[str, str]:
-    return {"role": "user", "content": text}
-
-
-def assistant(text: str) -> dict[str, str]:
-    return {"role": "assistant", "content": text}
-
-
-def system(text: str) -> dict[str, str]:
-    return {"role": "system", "content": text}
-
-
-def write_jsonl(path: Path, rows: list[Any]) -> Path:
-    """One line per row: dicts as JSON, strings written verbatim (to plant broken lines)."""
-    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
-    return path
 
 
 def load(path: Path, **options: Any):

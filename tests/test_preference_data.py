@@ -3,7 +3,6 @@ unpaired rows, rated completions paired by rule, bad rows counted (not fatal), m
 
 from __future__ import annotations
 
-import json
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from conftest import assistant, system, user, write_jsonl
 from datasets import Dataset
 
 from alignkit.data import formats, load_preference_data, load_preference_source, load_sft_source
@@ -19,23 +19,6 @@ from alignkit.recipe import DataSettings, DataSource, load_recipe
 
 WHERE = "data.train[0]"
 
-
-def user(text: str) -> dict[str, str]:
-    return {"role": "user", "content": text}
-
-
-def assistant(text: str) -> dict[str, str]:
-    return {"role": "assistant", "content": text}
-
-
-def system(text: str) -> dict[str, str]:
-    return {"role": "system", "content": text}
-
-
-def write_jsonl(path: Path, rows: list[Any]) -> Path:
-    """One line per row: dicts as JSON, strings written verbatim (to plant broken lines)."""
-    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
-    return path
 
 
 def load(path: Path, kind: str = "pairs", **options: Any) -> tuple[list[dict], Any]:

@@ -195,3 +195,14 @@ def test_orpo_learns_the_task_from_the_base(tmp_path):
     assert metrics["eval/exact_match"] >= 0.9 and metrics["compare/exact_match"] <= 0.05, metrics
     assert metrics["orpo/reward_accuracy"] >= 0.9, metrics
     assert metrics["train/loss_end"] < metrics["train/loss_start"] - 1, metrics
+
+
+def test_a_run_dir_not_written_yet_validates_but_does_not_load(tmp_path):
+    # Recipes that start from runs/demo-sft validate before `make sft` (CI checks every shipped recipe)...
+    recipe = load_recipe("recipes/demo/dpo-qlora.yaml", ["model.name_or_path=runs/never-made"])
+    assert recipe.adapter["method"] == "none" and recipe.model.quantization is not None
+    # ... and running one before its input run exists says what to do, without a traceback.
+    result = run_cli("dpo", "recipes/demo/dpo.yaml", "model.name_or_path=runs/never-made",
+                     f"train.output_dir={tmp_path / 'dpo'}")
+    assert result.returncode == 2 and "run the recipe that writes it first" in result.stderr
+    assert "Traceback" not in result.stderr

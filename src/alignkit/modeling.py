@@ -17,7 +17,7 @@ import yaml
 
 from alignkit.demo.build import demo_model_dir, is_demo_model
 from alignkit.errors import AlignkitError, RecipeError
-from alignkit.recipe import ModelSettings, QuantizationSettings, is_run_with_adapter
+from alignkit.recipe import ModelSettings, QuantizationSettings, is_future_run, is_run_with_adapter
 
 Head = Literal["causal_lm", "reward"]
 
@@ -33,6 +33,9 @@ def resolve_path(name_or_path: str) -> str:
         return str(local)
     if name_or_path.startswith(("/", ".", "~")):
         raise AlignkitError(f"model directory not found: {local.absolute()}")
+    if is_future_run(name_or_path):
+        raise AlignkitError(f"model directory not found: {local.absolute()} (a run dir: run the recipe that "
+                            f"writes it first, e.g. `make sft` for runs/demo-sft)")
     return name_or_path
 
 

@@ -107,7 +107,8 @@ class DataSource:
     revision: str | None = field(default=None, metadata={"help": "Hub dataset revision."})
     format: str = field(
         default="auto",
-        metadata={"help": "Row format: auto (detect from columns), messages, prompt_completion, alpaca, sharegpt."},
+        metadata={"help": "Row format: auto (detect from columns); for SFT messages, prompt_completion, alpaca, "
+                  "sharegpt; for preference stages preference, implicit_preference, rated, unpaired."},
     )
     columns: dict[str, str] | None = field(
         default=None, metadata={"help": "Renames applied before format detection, e.g. {question: prompt}."}
@@ -383,6 +384,15 @@ def _check_model_and_adapter(recipe: Recipe) -> None:
                               "quantised base cannot hold exactly: use run_adapter: continue or drop "
                               "model.quantization")
         return
-    if quantization is not None and method == "none":
-        raise RecipeError("a quantised model cannot be fully fine-tuned: set adapter.method to qlora or lora, "
-                          "or model.quantization to null")
+    if quantization is not None and method == "none" and not is_future_run(recipe.model.name_or_path):
+        raise RecipeError(QUANTISED_FULL_FINE_TUNE)
+
+
+QUANTISED_FULL_FINE_TUNE = ("a quantised model cannot be fully fine-tuned: set adapter.method to qlora or lora, "
+                            "or model.quantization to null")
+
+
+def is_future_run(name_or_path: str) -> bool:
+    """A run dir that an earlier step of the user's pipeline has not written yet (``runs/demo-sft`` before
+    ``make sft``): recipes that continue its adapter validate now and are checked again when it loads."""
+    return name_or_path.startswith(("runs/", "./", "../", "/")) and not Path(name_or_path).exists()

@@ -14,7 +14,7 @@ from typing import Any
 from alignkit import adapters, modeling
 from alignkit.data import PreparedData
 from alignkit.errors import RecipeError
-from alignkit.recipe import Recipe, is_run_with_adapter
+from alignkit.recipe import QUANTISED_FULL_FINE_TUNE, Recipe, is_run_with_adapter
 from alignkit.runs import RunDir, open_run_dir
 from alignkit.stages import get_stage
 
@@ -63,6 +63,8 @@ def load_model_and_tokenizer(recipe: Recipe, args, head: modeling.Head = "causal
             return model, tokenizer, None
         tokenizer_path = recipe.model.name_or_path
     else:
+        if recipe.model.quantization is not None and recipe.adapter["method"] == "none":
+            raise RecipeError(f"{recipe.model.name_or_path} holds no adapter to continue: {QUANTISED_FULL_FINE_TUNE}")
         tokenizer = modeling.load_tokenizer(recipe.model)
         model = modeling.load_model(recipe.model, head=head)
         model = modeling.prepare_for_kbit_training(model, args.gradient_checkpointing)
