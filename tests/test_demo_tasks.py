@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 
 import pytest
 from conftest import RECIPES, run_cli
 
 from alignkit.data import load_sft_data
 from alignkit.demo.tasks import (
+    CORRUPTIONS,
     DEMO_DATASETS,
     DEMO_SPLITS,
     PRETRAIN_INSTRUCTIONS,
@@ -19,6 +21,7 @@ from alignkit.demo.tasks import (
     TO_ZORBISH,
     WORDS,
     ZORBISH_SOURCE_WORDS,
+    corrupt_reversal,
     pretraining_conversations,
     translate_to_zorbish,
 )
@@ -30,9 +33,13 @@ RECIPE_FOR = {"summarize/raw": "demo/sft-summarize.yaml", "translate/raw": "demo
 
 
 def task_input(name: str, row: dict) -> str:
+    """The text a row asks the model about: a raw input column, or the (last) user turn."""
     if name in RAW_INPUT:
         return row[RAW_INPUT[name]]
-    return next(m["content"] for m in row["messages"] if m["role"] == "user")
+    prompt = row.get("prompt", row.get("messages"))
+    if isinstance(prompt, str):  # rated rows
+        return prompt
+    return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
 
 
 def task_output(name: str, row: dict) -> str:
@@ -98,6 +105,32 @@ def test_every_translation_follows_the_rule(split, rows):
         source = row["source"].split()
         assert 3 <= len(source) <= 6
         assert row["target"] == " ".join(translate_to_zorbish(source))
+
+
+@pytest.mark.parametrize("split", DEMO_SPLITS)
+def test_preference_sets_pair_the_right_reversal_with_a_corruption(split, rows):
+    def reversal(prompt_text: str) -> str:
+        return " ".join(reversed(prompt_text.split()[1:]))
+
+    for row in rows["reverse/preference", split]:
+        right = reversal(row["prompt"][0]["content"])
+        assert row["chosen"][0]["content"] == right and row["rejected"][0]["content"] != right
+    labels = []
+    for row in rows["reverse/unpaired", split]:
+        labels.append(row["label"])
+        assert (row["completion"][0]["content"] == reversal(row["prompt"][0]["content"])) == row["label"]
+    assert 0.4 < sum(labels) / len(labels) < 0.6
+    for row in rows["reverse/rated", split]:
+        best = max(range(4), key=lambda i: row["ratings"][i])
+        assert row["completions"][best] == reversal(row["prompt"]) and row["ratings"].count(10) == 1
+
+
+def test_corruptions_are_always_wrong():
+    rng = random.Random(0)
+    for kind in CORRUPTIONS:
+        for _ in range(200):
+            phrase = rng.sample(WORDS, rng.randint(3, 6))
+            assert corrupt_reversal(phrase, kind, rng) != list(reversed(phrase))
 
 
 def test_pretraining_never_shows_a_task_but_produces_every_word_a_task_needs():

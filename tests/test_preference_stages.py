@@ -206,3 +206,21 @@ def test_a_run_dir_not_written_yet_validates_but_does_not_load(tmp_path):
                      f"train.output_dir={tmp_path / 'dpo'}")
     assert result.returncode == 2 and "run the recipe that writes it first" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("adapter", [["adapter.method=none"],
+                                     ["adapter.method=qlora", "model.quantization={bits: 4, compute_dtype: float32}"]],
+                         ids=["full", "qlora"])
+def test_reward_model_trains_fully_or_on_a_4bit_base_and_loads_back(tmp_path, adapter):
+    run_dir = tmp_path / "rm"
+    run_ok("rm", "recipes/demo/rm.yaml", "model.name_or_path=demo:tiny-llama", *adapter, "train.max_steps=60",
+           "data.eval=[{path: demo:reverse/preference, split: test, max_rows: 64}]", f"train.output_dir={run_dir}",
+           *NO_CHECKPOINTS)
+    metrics = metrics_of(run_dir)
+    assert metrics["train/loss_end"] < metrics["train/loss_start"], metrics
+    assert metrics["rm/accuracy"] > 0.5, metrics  # learning, not chance (observed: see the test's output)
+    pairs = load_preference_data(load_recipe("recipes/demo/rm.yaml").data, kind="pairs").eval.select(range(64))
+    scorer = RewardModel.load(run_dir)
+    chosen = scorer.score(pairs["prompt"], [c[0]["content"] for c in pairs["chosen"]])
+    rejected = scorer.score(pairs["prompt"], [r[0]["content"] for r in pairs["rejected"]])
+    assert sum(c > r for c, r in zip(chosen, rejected)) / 64 == pytest.approx(metrics["rm/accuracy"], abs=1e-9)

@@ -12,12 +12,15 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alignkit import modeling
 from alignkit.generation import generate
 from alignkit.metrics import compute
-from alignkit.recipe import EvaluateSettings, ModelSettings
+from alignkit.recipe import EvaluateSettings, ModelSettings, Recipe
+
+if TYPE_CHECKING:
+    from alignkit.training import Fitted
 
 COMPARE_BASE = "base"
 
@@ -144,7 +147,7 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def evaluate_preference_policy(recipe, run_path: Path, fitted, stage: str) -> dict[str, float]:
+def evaluate_preference_policy(recipe: Recipe, run_path: Path, fitted: Fitted, stage: str) -> dict[str, Any]:
     """Generation metrics of a preference-tuned policy (DPO, KTO, ORPO) on the held-out prompts, with the
     preferred answers (``chosen``, or the desirable ``completion`` of unpaired rows) as references."""
     held_out = fitted.data.eval
