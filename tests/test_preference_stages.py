@@ -61,7 +61,7 @@ def test_reward_model_ranks_held_out_pairs(rm_run):
     chosen = scorer.score(pairs["prompt"], [c[0]["content"] for c in pairs["chosen"]])
     rejected = scorer.score(pairs["prompt"], [r[0]["content"] for r in pairs["rejected"]])
     accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(chosen)
-    assert accuracy == pytest.approx(metrics["rm/accuracy"], abs=1e-9)
+    assert accuracy == pytest.approx(metrics["rm/accuracy"], abs=1.01 / len(chosen))  # a near-tie may flip
 
     judge = RewardModelJudge(scorer)
     rates = win_rates(judge.compare(pairs["prompt"], [c[0]["content"] for c in pairs["chosen"]],
@@ -208,19 +208,24 @@ def test_a_run_dir_not_written_yet_validates_but_does_not_load(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("adapter", [["adapter.method=none"],
-                                     ["adapter.method=qlora", "model.quantization={bits: 4, compute_dtype: float32}"]],
+FOUR_BIT = "model.quantization={bits: 4, compute_dtype: float32}"
+
+
+@pytest.mark.parametrize("adapter", [["adapter={method: none}"], ["adapter={method: qlora}", FOUR_BIT]],
                          ids=["full", "qlora"])
 def test_reward_model_trains_fully_or_on_a_4bit_base_and_loads_back(tmp_path, adapter):
     run_dir = tmp_path / "rm"
-    run_ok("rm", "recipes/demo/rm.yaml", "model.name_or_path=demo:tiny-llama", *adapter, "train.max_steps=60",
+    run_ok("rm", "recipes/demo/rm.yaml", "model.name_or_path=demo:tiny-llama", *adapter, "train.max_steps=200",
            "data.eval=[{path: demo:reverse/preference, split: test, max_rows: 64}]", f"train.output_dir={run_dir}",
            *NO_CHECKPOINTS)
     metrics = metrics_of(run_dir)
     assert metrics["train/loss_end"] < metrics["train/loss_start"], metrics
-    assert metrics["rm/accuracy"] > 0.5, metrics  # learning, not chance (observed: see the test's output)
+    # 200 steps from the bare base only start the learning (observed 0.56 full, 0.63 QLoRA on 64 pairs); the
+    # accuracy bar is the shipped recipe's test above. Here: it trains, saves, and loads back as a scorer.
+    assert metrics["rm/accuracy"] > 0.5, metrics
     pairs = load_preference_data(load_recipe("recipes/demo/rm.yaml").data, kind="pairs").eval.select(range(64))
     scorer = RewardModel.load(run_dir)
     chosen = scorer.score(pairs["prompt"], [c[0]["content"] for c in pairs["chosen"]])
     rejected = scorer.score(pairs["prompt"], [r[0]["content"] for r in pairs["rejected"]])
-    assert sum(c > r for c, r in zip(chosen, rejected)) / 64 == pytest.approx(metrics["rm/accuracy"], abs=1e-9)
+    # Batched differently than in the stage, a near-tie may flip: allow one pair.
+    assert sum(c > r for c, r in zip(chosen, rejected)) / 64 == pytest.approx(metrics["rm/accuracy"], abs=1.01 / 64)

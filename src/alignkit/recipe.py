@@ -315,8 +315,12 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
             where = ".".join(parts[: depth + 1])
             raise RecipeError(f"bad override '{override}': '{where}' is not a section (it holds {child!r})")
         node = child
-    if len(parts) == 1 and value.strip() in ("null", "~"):
-        node[parts[0]] = None  # a whole optional section switched off: `evaluate=null`
+    if len(parts) == 1 and (value.strip() in ("null", "~") or value.lstrip().startswith("{")):
+        # A whole section replaced (`adapter={method: none}`) or switched off (`evaluate=null`).
+        try:
+            node[parts[0]] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise RecipeError(f"bad override '{override}': {err}") from None
         return
     node[parts[-1]] = Raw(value)
 

@@ -110,8 +110,21 @@ def fit(recipe: Recipe, run: RunDir, *, config_class: type, trainer_class: type,
     trainer = build_trainer(trainer_class, model=model, args=args, train_dataset=data.train,
                             eval_dataset=data.eval, processing_class=tokenizer, peft_config=peft_config,
                             **trainer_kwargs)
+    if head == "reward" and modeling.is_quantized(model):
+        match_new_head_to_hidden_states(trainer.model)
     metrics = parameter_metrics(trainer.model) | train(trainer, run, eval_names or {})
     return Fitted(trainer=trainer, tokenizer=tokenizer, data=data, metrics=metrics)
+
+
+def match_new_head_to_hidden_states(model) -> None:
+    """TRL casts every trainable parameter of a quantised model to bf16 (QLoRA's advice for LoRA weights,
+    whose layers cast their input). A new reward head is a plain Linear that peft trains as a module to save:
+    in bf16 it cannot take float32 hidden states (a CPU run, or compute_dtype float32). Give it the dtype
+    of the model's unquantised weights, which is the dtype of its hidden states."""
+    dtype = model.get_input_embeddings().weight.dtype
+    for name, param in model.named_parameters():
+        if "modules_to_save" in name and param.requires_grad:
+            param.data = param.data.to(dtype)
 
 
 def train(trainer, run: RunDir, eval_names: Mapping[str, str]) -> dict[str, float]:
