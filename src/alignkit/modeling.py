@@ -128,7 +128,6 @@ def load_model(settings: ModelSettings, *, for_training: bool = True, head: Head
     path = resolve_path(settings.name_or_path)
     if is_run_with_adapter(path):
         # A run dir as a plain base (the start of a run_adapter: merge run): its base with its adapter folded in.
-
         base = load_model(base_settings_of_adapter(Path(path), settings), for_training=for_training, head=head)
         return merge_adapter(base, path)
     try:
