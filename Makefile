@@ -5,7 +5,7 @@ ALIGNKIT = $(VENV)/bin/alignkit
 RECIPE ?=
 ARGS ?=
 
-STAGES = sft eval rm dpo kto orpo
+STAGES = sft eval rm dpo kto orpo ppo grpo rloo
 
 .PHONY: setup demo validate score test lint clean $(STAGES)
 

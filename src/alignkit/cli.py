@@ -83,6 +83,7 @@ def _validate(args) -> int:
 
 
 def _run_stage(args) -> int:
+    _join_processes()  # first: importing the libraries below may already ask for the process state
     from alignkit.training import run_stage
 
     recipe = _load(args)
@@ -95,6 +96,19 @@ def _run_stage(args) -> int:
         value = metrics[key]
         print(f"  {key:28s} {value:.4f}" if isinstance(value, float) else f"  {key:28s} {value}")
     return 0
+
+
+def _join_processes() -> None:
+    """Set up this process's place among the launched ones before anything asks for it. Under torchrun or
+    ``accelerate launch`` on a machine without GPUs, accelerate's PartialState only joins the process group
+    (gloo) when told it runs on CPUs; otherwise every process would think it is alone."""
+    import torch
+    from accelerate import PartialState
+
+    if not torch.cuda.is_available():
+        # transformers' TrainingArguments rebuilds the state from this flag (as `accelerate launch --cpu` sets it).
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    PartialState(cpu=not torch.cuda.is_available())
 
 
 def _score(args) -> int:

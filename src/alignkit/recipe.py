@@ -108,7 +108,9 @@ class DataSource:
     format: str = field(
         default="auto",
         metadata={"help": "Row format: auto (detect from columns); for SFT messages, prompt_completion, alpaca, "
-                  "sharegpt; for preference stages preference, implicit_preference, rated, unpaired."},
+                  "sharegpt; for preference stages preference, implicit_preference, rated, unpaired; for RL stages "
+                  "(ppo, grpo, rloo) prompt_only, prompt_completion, messages (the last assistant turn or the "
+                  "completion becomes a reference column; other columns reach the reward functions)."},
     )
     columns: dict[str, str] | None = field(
         default=None, metadata={"help": "Renames applied before format detection, e.g. {question: prompt}."}
@@ -341,7 +343,9 @@ def _validate(raw: Mapping[str, Any], source: Path | None, adapters, stages) -> 
         raise RecipeError(f"missing 'stage' (one of: {', '.join(stages.STAGES)})")
     stage = stages.get_stage(schema.coerce(raw["stage"], str, "stage"))
     schema.check_keys(raw, [*COMMON_SECTIONS, *stage.sections], f"the top level of the {stage.name} recipe")
-    for required in ("model", "data"):
+    # A stage section set to null (`reward=null` on the command line) is no section.
+    raw = {key: value for key, value in raw.items() if not (key in stage.sections and value is None)}
+    for required in ("model", "data", *stage.required_sections):
         if required not in raw:
             raise RecipeError(f"missing section '{required}'")
     data = schema.build(DataSettings, raw["data"], "data")

@@ -95,25 +95,37 @@ class Fitted:
 
 def fit(recipe: Recipe, run: RunDir, *, config_class: type, trainer_class: type,
         load_data: Callable[[Any], PreparedData], head: modeling.Head = "causal_lm",
-        eval_names: Mapping[str, str] | None = None, **trainer_kwargs) -> Fitted:
+        eval_names: Mapping[str, str] | None = None, trainer_eval: bool = True,
+        before_train: Callable[[Any, Any, PreparedData], dict[str, Any]] | None = None, **trainer_kwargs) -> Fitted:
     """The path every training stage takes: TRL config -> data -> model + adapter -> trainer -> train, save.
 
     Data is loaded before the model so that bad data fails in seconds, not after a model download.
     ``eval_names`` maps the trainer's held-out metrics (``eval_rewards/accuracies``) to alignkit's
-    (``dpo/reward_accuracy``).
+    (``dpo/reward_accuracy``). ``trainer_eval=False`` keeps the held-out data from the trainer, for stages
+    that evaluate it themselves (the RL stages: TRL's evaluation would sample every prompt many times).
+    ``before_train(trainer, tokenizer, data)`` measures the starting model once the trainer is built and
+    before its first step; its metrics join the others.
     """
     args = training_args(recipe, config_class, run.path)
     data = load_data(recipe.data)
-    run.write_json("data.json", {"train_rows": len(data.train), "eval_rows": len(data.eval or []),
-                                 "sources": [r.to_dict() for r in data.reports]})
+    record_data(run, data)
     model, tokenizer, peft_config = load_model_and_tokenizer(recipe, args, head)
     trainer = build_trainer(trainer_class, model=model, args=args, train_dataset=data.train,
-                            eval_dataset=data.eval, processing_class=tokenizer, peft_config=peft_config,
-                            **trainer_kwargs)
+                            eval_dataset=data.eval if trainer_eval else None, processing_class=tokenizer,
+                            peft_config=peft_config, **trainer_kwargs)
     if head == "reward" and modeling.is_quantized(model):
         match_new_head_to_hidden_states(trainer.model)
-    metrics = parameter_metrics(trainer.model) | train(trainer, run, eval_names or {})
+    metrics = parameter_metrics(trainer.model)
+    if before_train is not None:
+        metrics |= before_train(trainer, tokenizer, data)
+    metrics |= train(trainer, run, eval_names or {})
     return Fitted(trainer=trainer, tokenizer=tokenizer, data=data, metrics=metrics)
+
+
+def record_data(run: RunDir, data: PreparedData) -> None:
+    """Write ``data.json``: rows used for training and evaluation, and each source's report (skipped rows)."""
+    run.write_json("data.json", {"train_rows": len(data.train), "eval_rows": len(data.eval or []),
+                                 "sources": [r.to_dict() for r in data.reports]})
 
 
 def match_new_head_to_hidden_states(model) -> None:

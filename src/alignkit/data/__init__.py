@@ -1,8 +1,9 @@
 """Datasets for every stage: sources -> normalised rows -> weighted mixture -> train / eval splits.
 
 SFT data becomes ``{"messages": [...]}`` rows (:func:`load_sft_data`); preference data becomes TRL's
-conversational pairs or unpaired rows (:func:`load_preference_data`). :mod:`alignkit.data.formats` lists
-the row formats each accepts.
+conversational pairs or unpaired rows (:func:`load_preference_data`); prompt data for the RL stages becomes
+``{"prompt": [...], **columns}`` rows whose other columns reach the reward functions (:func:`load_prompt_data`).
+:mod:`alignkit.data.formats` lists the row formats each accepts.
 
 Bad rows never stop a run: each source's rows that do not fit its format are counted by reason and
 reported (with the first offending row number); a source left with no valid rows is an error.
@@ -272,6 +273,126 @@ def _check_margins_agree(loaded: dict[str, tuple[list, SourceReport]]) -> None:
     if with_margin and without:
         raise DataError(f"some sources have a margin column and some do not: with: {', '.join(with_margin)}; "
                         f"without: {', '.join(without)}. Give every source a margin, or none")
+
+
+def load_prompt_source(source: DataSource, where: str,
+                       system_prompt: str | None = None) -> tuple[list[dict[str, Any]], SourceReport]:
+    """Normalised prompt rows of one source (see :data:`formats.PROMPT_FORMATS`) and its report.
+
+    Rows are ``{"prompt": [...], **columns}``, plus ``"reference"`` for the prompt_completion and messages
+    formats. Within a source a column holds one kind of value (see :func:`formats.value_kind`; None fits
+    any): the kind most of its rows have, the others being bad rows. Columns in
+    :data:`formats.RESERVED_COLUMNS` are dropped with a warning.
+    """
+    dropped: set[str] = set()
+
+    def converter_for(fmt: str) -> Callable[[dict, int], dict[str, Any]]:
+        if fmt == "messages" and source.templates:
+            raise DataError(f"{where}: templates write a 'prompt' column, but messages rows take their prompt from "
+                            "the conversation; remove templates or use format: prompt_only")
+        convert = formats.PROMPT_FORMATS[fmt]
+
+        def run(row: dict, _row_number: int) -> dict[str, Any]:
+            dropped.update(formats.RESERVED_COLUMNS.intersection(row))
+            return convert(row)
+
+        return run
+
+    rows = sources.read_rows(source, where)
+    kept, report = _normalise(rows, source, where, converter_for, formats.PROMPT_FORMATS,
+                              lambda row: formats.with_system_prompt(row, system_prompt), _settle_column_kinds)
+    if dropped:
+        logger.warning("%s (%s): dropped the column(s) %s: TRL passes reward functions arguments of these names "
+                       "itself; rename a column (columns: {old: new}) to keep it", where, source.path,
+                       ", ".join(sorted(dropped)))
+    return kept, report
+
+
+def _settle_column_kinds(rows: list[dict[str, Any]]) -> list[dict[str, Any] | formats.RowError]:
+    # Arrow stores a column as one type: a source whose `answer` is mostly text but a number in a few rows
+    # keeps the text rows and counts the others as bad, instead of failing as a whole.
+    kinds: dict[str, Counter] = {}
+    for row in rows:
+        for column, value in row.items():
+            if column != "prompt" and (kind := formats.value_kind(value)) is not None:
+                kinds.setdefault(column, Counter())[kind] += 1
+    expected = {column: counts.most_common(1)[0][0] for column, counts in kinds.items()}  # first seen on ties
+    settled: list[dict[str, Any] | formats.RowError] = []
+    for row in rows:
+        odd = next(((column, kind) for column, value in row.items() if column in expected
+                    and (kind := formats.value_kind(value)) not in (None, expected[column])), None)
+        if odd is None:
+            settled.append(row)
+        else:
+            settled.append(formats.RowError(f"'{odd[0]}' is a {odd[1]} (a {expected[odd[0]]} in most rows)"))
+    return settled
+
+
+def load_prompt_data(settings: DataSettings) -> PreparedData:
+    """The prompt mixture for the RL stages (ppo, grpo, rloo), with a held-out split.
+
+    Rows are ``{"prompt": [...], "reference": str, **columns}`` in TRL's conversational prompt-only form:
+    the prompt is messages ending with a user turn, with ``settings.system_prompt`` added unless it has a
+    system message. ``reference`` (from prompt_completion and messages sources) and every other column of
+    the sources are kept for the reward functions, which TRL calls with the dataset's columns as keyword
+    arguments. Train and eval rows all get the same columns: a column that some sources lack is filled
+    with None in their rows (with a warning, since reward functions then see None there); a column that
+    holds different kinds of value in different sources is a :class:`DataError`.
+    """
+    loaded: dict[str, tuple[list, SourceReport]] = {}  # where -> rows and report; _mix takes them from here
+    for group in ("train", "eval"):
+        for index, source in enumerate(getattr(settings, group) or []):
+            where = f"data.{group}[{index}]"
+            loaded[where] = load_prompt_source(source, where, settings.system_prompt)
+    columns = _prompt_columns(loaded)
+    to_row = lambda row: {"prompt": row["prompt"], **{column: row.get(column) for column in columns}}  # noqa: E731
+    import pyarrow as pa
+
+    try:
+        return _mix(settings, lambda source, where: loaded[where], to_row)
+    except pa.ArrowException as err:  # kinds agree, but their insides do not (lists of text and of numbers)
+        raise DataError(f"the prompt data cannot be stored as one dataset: {_unstorable(loaded, columns, err)}"
+                        ) from None
+
+
+def _prompt_columns(loaded: dict[str, tuple[list, SourceReport]]) -> list[str]:
+    """The columns besides ``prompt`` of every prompt row: ``reference`` first, then the others as first seen."""
+    kinds: dict[str, dict[str, str]] = {}  # column -> source -> kind of its values (None-only sources left out)
+    present: dict[str, list[str]] = {}  # column -> sources that have it
+    for where, (rows, report) in loaded.items():
+        name = f"{where} ({report.path})"
+        for row in rows:
+            for column, value in row.items():
+                if column == "prompt":
+                    continue
+                if name not in present.setdefault(column, []):
+                    present[column].append(name)
+                if (kind := formats.value_kind(value)) is not None:
+                    kinds.setdefault(column, {}).setdefault(name, kind)
+    for column, by_source in kinds.items():
+        if len(set(by_source.values())) > 1:
+            found = "; ".join(f"a {kind} in {name}" for name, kind in by_source.items())
+            raise DataError(f"column '{column}' holds different kinds of value: {found}. One dataset needs one kind "
+                            "per column: rename it in some sources (columns: {old: new}) or drop those sources")
+    names = [f"{where} ({report.path})" for where, (_, report) in loaded.items()]
+    for column, having in present.items():
+        lacking = [name for name in names if name not in having]
+        if lacking:
+            logger.warning("column '%s' is missing from %s; their rows get None there, and so do the reward "
+                           "functions that read it", column, ", ".join(lacking))
+    return sorted(present, key=lambda column: column != "reference")  # stable: the rest keep their order
+
+
+def _unstorable(loaded: dict[str, tuple[list, SourceReport]], columns: list[str], error: Exception) -> str:
+    """Which column Arrow cannot store, and why."""
+    import pyarrow as pa
+
+    for column in columns:
+        try:
+            pa.array([row.get(column) for rows, _ in loaded.values() for row in rows])
+        except pa.ArrowException as err:
+            return f"column '{column}' holds values Arrow cannot store together ({err}); make them alike"
+    return str(error)
 
 
 def check_sources(settings: DataSettings) -> None:

@@ -15,6 +15,18 @@ Accepted for preference stages (rm, dpo, orpo need pairs; kto takes pairs or unp
   ``unpaired``             ``{"prompt": str | messages, "completion": str | messages, "label": bool}`` (kto only)
 Preference rows come out in TRL's conversational form: ``prompt`` is messages ending with a user turn and
 ``chosen`` / ``rejected`` / ``completion`` are assistant messages.
+Accepted for prompt-only stages (ppo, grpo, rloo: the policy writes the answers):
+  ``prompt_only``        ``{"prompt": str | messages}``
+  ``prompt_completion``  ``{"prompt": str | messages, "completion": str | messages}``: the completion becomes the
+                         ``reference`` (text)
+  ``messages``           ``{"messages": [...]}``: the prompt is every message before the last one, which must be
+                         the assistant's; its text becomes the ``reference``
+Prompt rows come out as ``{"prompt": messages ending with a user turn, "reference": str (if made), **columns}``:
+every other column is kept unchanged, because reward functions receive a dataset's columns as keyword
+arguments (a reference answer, test cases, ...). Any JSON value is kept; the loader makes one column hold one
+kind of value (string, number, boolean, list or mapping) per dataset, as Arrow stores it (so a mapping comes
+back with every key its column has, None where its row had none). Columns named like the arguments TRL
+itself passes to reward functions (:data:`RESERVED_COLUMNS`) are dropped, with a warning from the loader.
 
 ``auto`` picks the format from the columns. A row that does not fit raises :class:`RowError`; the caller
 counts and reports those rows instead of failing on the first one.
@@ -116,7 +128,7 @@ SFT_FORMATS: dict[str, Callable[[dict], list[dict[str, str]]]] = {
     "sharegpt": from_sharegpt,
 }
 
-# Columns that identify each format, most specific first. SFT and preference formats are detected
+# Columns that identify each format, most specific first. SFT, preference and prompt formats are detected
 # separately (see ``candidates`` below): a preference file often has a `messages` column too, and an SFT
 # file may have a `label` column, which must not turn prompt_completion rows into unpaired ones.
 _SIGNATURES: tuple[tuple[str, frozenset[str]], ...] = (
@@ -128,6 +140,7 @@ _SIGNATURES: tuple[tuple[str, frozenset[str]], ...] = (
     ("rated", frozenset({"prompt", "completions"})),
     ("unpaired", frozenset({"prompt", "completion", "label"})),
     ("prompt_completion", frozenset({"prompt", "completion"})),
+    ("prompt_only", frozenset({"prompt"})),
 )
 
 
@@ -244,7 +257,7 @@ def from_preference(row: dict, row_number: int, pairing: Pairing) -> dict[str, A
     return _pair(_prompt(row), _answer(row, "chosen"), _answer(row, "rejected"), row)
 
 
-def _check_same_prompt(column: Any, shared: list[dict[str, str]]) -> None:
+def _check_same_prompt(column: Any, shared: list[dict[str, str]], inside: str = "'chosen' and 'rejected'") -> None:
     if column is None:
         return
     if isinstance(column, str):
@@ -252,7 +265,7 @@ def _check_same_prompt(column: Any, shared: list[dict[str, str]]) -> None:
     else:
         same = _check_messages(column, "prompt") == shared
     if not same:
-        raise RowError("'prompt' differs from the prompt inside 'chosen' and 'rejected'")
+        raise RowError(f"'prompt' differs from the prompt inside {inside}")
 
 
 def from_implicit_preference(row: dict, row_number: int, pairing: Pairing) -> dict[str, Any]:
@@ -372,7 +385,7 @@ PREFERENCE_FORMATS: dict[str, PreferenceConverter] = {
 
 
 def with_system_prompt(row: dict[str, Any], system_prompt: str | None) -> dict[str, Any]:
-    """A preference or unpaired row with ``system_prompt`` prepended to its prompt (unless it has one)."""
+    """A preference, unpaired or prompt row with ``system_prompt`` prepended to its prompt (unless it has one)."""
     return {**row, "prompt": add_system_prompt(row["prompt"], system_prompt)}
 
 
@@ -382,3 +395,86 @@ def to_unpaired(row: dict[str, Any]) -> list[dict[str, Any]]:
         return [row]
     return [{"prompt": row["prompt"], "completion": row["chosen"], "label": True},
             {"prompt": row["prompt"], "completion": row["rejected"], "label": False}]
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt rows (ppo, grpo, rloo): a prompt to answer, plus the columns a reward function may need
+# --------------------------------------------------------------------------------------------------
+
+PromptConverter = Callable[[dict], dict[str, Any]]
+
+# Keyword arguments TRL's GRPO / RLOO trainers give reward functions themselves (besides the dataset's
+# columns): a column with one of these names would clash with them, so it is dropped.
+RESERVED_COLUMNS = frozenset({"prompts", "completions", "completion_ids", "trainer_state", "log_extra",
+                              "log_metric", "environments"})
+
+
+def extra_columns(row: dict, consumed: Iterable[str]) -> dict[str, Any]:
+    """The row's columns except ``consumed`` ones (turned into prompt / reference) and :data:`RESERVED_COLUMNS`."""
+    left_out = RESERVED_COLUMNS | set(consumed)
+    return {key: value for key, value in row.items() if key not in left_out}
+
+
+def _prompt_row(prompt: list[dict[str, str]], reference: str | None, row: dict,
+                consumed: tuple[str, ...]) -> dict[str, Any]:
+    extras = extra_columns(row, ("prompt", *consumed))
+    if reference is None:
+        return {"prompt": prompt, **extras}
+    if "reference" in extras:
+        raise RowError(f"'reference' is a column, but this format makes it from '{consumed[0]}'; rename one of them")
+    return {"prompt": prompt, "reference": reference, **extras}
+
+
+def prompt_from_prompt_only(row: dict) -> dict[str, Any]:
+    """``{"prompt": str | messages, ...}``: a string is one user message; messages must end with the user's turn."""
+    return _prompt_row(_prompt(row), None, row, ())
+
+
+def prompt_from_prompt_completion(row: dict) -> dict[str, Any]:
+    """``{"prompt", "completion", ...}``: the completion (its last message, if messages) is the ``reference``."""
+    prompt = _prompt(row)
+    reference = _answer(row, "completion")[-1]["content"]
+    if not reference.strip():
+        raise RowError("'completion' ends with an empty message")
+    return _prompt_row(prompt, reference, row, ("completion",))
+
+
+def prompt_from_messages(row: dict) -> dict[str, Any]:
+    """``{"messages": [...], ...}``: the messages before the final assistant turn are the prompt, its text the
+    ``reference``. A ``prompt`` column beside the conversation must agree with it (it is then replaced)."""
+    messages = _check_messages(row.get("messages"), "messages")
+    if messages[-1]["role"] != "assistant":
+        raise RowError("'messages' does not end with an assistant turn")
+    prompt, reference = messages[:-1], messages[-1]["content"]
+    if not reference.strip():
+        raise RowError("'messages' ends with an empty assistant turn")
+    if not prompt or prompt[-1]["role"] not in PROMPT_END_ROLES:
+        raise RowError("'messages' has no user turn before its last assistant turn")
+    if not prompt[-1]["content"].strip():
+        raise RowError("'messages' has an empty prompt")
+    _check_same_prompt(row.get("prompt"), prompt, "'messages'")
+    return _prompt_row(prompt, reference, row, ("messages",))
+
+
+PROMPT_FORMATS: dict[str, PromptConverter] = {
+    "prompt_only": prompt_from_prompt_only,
+    "prompt_completion": prompt_from_prompt_completion,
+    "messages": prompt_from_messages,
+}
+
+
+def value_kind(value: Any) -> str | None:
+    """The kind of a column value, as one dataset column must hold one: None for a missing value (None)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, dict):
+        return "mapping"
+    return type(value).__name__

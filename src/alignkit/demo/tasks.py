@@ -213,6 +213,13 @@ def reverse_rated(split: str) -> list[dict]:
     return rows
 
 
+def reverse_prompts(split: str) -> list[dict]:
+    """Prompt-only rows for the RL stages: ``reverse: a b c`` with no answer (the policy writes it and
+    :func:`alignkit.demo.rewards.reversal_reward` scores it). The phrases are reverse/sft's, so the held-out
+    prompts are unseen there too."""
+    return [{"prompt": _reverse_prompt(phrase)} for phrase in _unique_draws(split, _random_phrase)]
+
+
 # name -> generator(split) -> rows. Rows are in one of the formats the data layer normalises.
 DEMO_DATASETS: dict[str, Callable[[str], list[dict]]] = {
     "reverse/sft": reverse_sft,
@@ -221,6 +228,7 @@ DEMO_DATASETS: dict[str, Callable[[str], list[dict]]] = {
     "reverse/preference": reverse_preference,
     "reverse/unpaired": reverse_unpaired,
     "reverse/rated": reverse_rated,
+    "reverse/prompts": reverse_prompts,
 }
 
 DEMO_SPLITS: tuple[str, ...] = tuple(_SPLIT_SIZES)

@@ -21,6 +21,9 @@ STAGES: dict[str, str] = {
     "dpo": "alignkit.stages.dpo",
     "kto": "alignkit.stages.kto",
     "orpo": "alignkit.stages.orpo",
+    "ppo": "alignkit.stages.ppo",
+    "grpo": "alignkit.stages.grpo",
+    "rloo": "alignkit.stages.rloo",
 }
 
 
@@ -34,6 +37,7 @@ class Stage:
     run: Callable[..., dict[str, Any]]  # run(recipe, run_dir) -> flat metrics
     sections: dict[str, type] = field(default_factory=dict)
     required_data: tuple[str, ...] = ("train",)  # data groups the stage cannot run without
+    required_sections: tuple[str, ...] = ()  # stage sections the stage cannot run without
     # Checks of the validated ``train`` section that the TRL config only makes once training has started
     # (an unknown DPO loss type, say); raises RecipeError.
     check_train: Callable[[dict[str, Any]], None] | None = None

@@ -1,0 +1,237 @@
+"""The three roles of PPO (policy, reference, critic) and the models that play them.
+
+With an adapter (LoRA, QLoRA, IA3) one base model serves all three: the policy is the base with its adapter
+(``default``), the reference is the base with the adapter disabled (or, when training continues a run dir's
+adapter, a frozen copy of that adapter named ``reference``, so the reference is the starting policy), and
+the critic is the same base with an adapter of its own (``critic``) and a value head. A 4-bit base is held
+once. Without an adapter the policy, a frozen copy as reference, and the critic are separate models.
+
+``critic_init: reward_model`` starts the critic from the reward model instead (a trainable copy of it,
+its reward head as the value head), as Huang et al. (2024) recommend; that critic is a model of its own,
+because the reward model was trained on its own base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignkit import modeling
+from alignkit.errors import RecipeError
+from alignkit.recipe import ModelSettings, Recipe, is_run_with_adapter
+
+logger = logging.getLogger(__name__)
+
+POLICY, REFERENCE, CRITIC = "default", "reference", "critic"
+# Adapters that live inside the base model's layers; prompt-learning adapters prepend virtual tokens in the
+# PeftModel's forward, which the critic (reading the base's hidden states) and the log-probability
+# alignment of PPO do not handle.
+SHARED_BASE_ADAPTERS = ("LORA", "IA3", "ADALORA", "LOHA", "LOKR")
+
+
+@dataclass
+class ActorCritic:
+    """Policy, reference and critic, however they are held; every forward goes through these methods."""
+
+    policy: Any                      # generates and is trained; a PeftModel when it trains an adapter
+    reference: Any | None            # a separate frozen model, or None when it is a state of ``policy``
+    reference_adapter: str | None    # with reference None: the frozen adapter to use, or None (adapter off)
+    critic_model: Any                # the model whose hidden states feed the value head (may be ``policy``)
+    critic_adapter: str | None       # the critic's adapter on the shared base, or None for its own model
+    value_head: nn.Module
+    trainable: dict[str, nn.Parameter]  # name -> parameter, policy's and critic's (what the optimizer steps)
+
+    @property
+    def uses_adapter(self) -> bool:
+        return hasattr(self.policy, "peft_config")
+
+    # ---- forwards ------------------------------------------------------------------------------------
+
+    def policy_logits(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        with self._adapter(POLICY):
+            return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).logits
+
+    def reference_logits(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        if self.reference is not None:
+            return self.reference(**inputs).logits
+        if self.reference_adapter is not None:
+            with self._adapter(self.reference_adapter):
+                return self.policy(**inputs).logits
+        with self.policy.disable_adapter():
+            return self.policy(**inputs).logits
+
+    def values(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        """The critic's value at every position, (batch, length)."""
+        base = self.critic_model.get_base_model() if hasattr(self.critic_model, "peft_config") else self.critic_model
+        backbone = getattr(base, base.base_model_prefix)
+        with self._adapter(self.critic_adapter) if self.critic_adapter else contextlib.nullcontext():
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    def generate(self, **kwargs) -> torch.Tensor:
+        with self._adapter(POLICY):
+            return self.policy.generate(**kwargs)
+
+    @contextlib.contextmanager
+    def _adapter(self, name: str) -> Iterator[None]:
+        """Make ``name`` the active adapter of the shared base. peft's set_adapter also freezes every other
+        adapter, so the policy's and critic's parameters are made trainable again after each switch."""
+        if not self.uses_adapter:
+            yield
+            return
+        previous = self.policy.active_adapter
+        self._set_adapter(name)
+        try:
+            yield
+        finally:
+            self._set_adapter(previous)
+
+    def _set_adapter(self, name: str) -> None:
+        if self.policy.active_adapter != name:
+            self.policy.set_adapter(name)
+            for parameter in self.trainable.values():
+                parameter.requires_grad_(True)
+
+    # ---- state ---------------------------------------------------------------------------------------
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Everything training changes, by name: saved in checkpoints, loaded on resume."""
+        return {name: parameter.detach().cpu().contiguous() for name, parameter in self.trainable.items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.trainable) - set(state)
+        if missing:
+            raise RuntimeError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
+        with torch.no_grad():
+            for name, parameter in self.trainable.items():
+                parameter.copy_(state[name].to(parameter.device, parameter.dtype))
+
+    def save_policy(self, path: Path) -> None:
+        """The policy as the run's model: its adapter (the base stays where it was), or the full model."""
+        if self.uses_adapter:
+            self.policy.save_pretrained(str(path), selected_adapters=[POLICY])
+        else:
+            self.policy.save_pretrained(str(path))
+
+
+def build_actor_critic(recipe: Recipe, args, reward_functions) -> tuple[ActorCritic, Any]:
+    """(ActorCritic, tokenizer) for the recipe's policy, reference and critic, on this process's device."""
+    from alignkit import training
+
+    model, tokenizer, peft_config = training.load_model_and_tokenizer(recipe, args)
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config)
+    uses_adapter = hasattr(model, "peft_config")
+    if uses_adapter and model.peft_config[POLICY].peft_type.value not in SHARED_BASE_ADAPTERS:
+        raise RecipeError(f"ppo trains adapters that live in the model's layers ({', '.join(SHARED_BASE_ADAPTERS)}) "
+                          f"or the full model; {model.peft_config[POLICY].peft_type.value} is not supported")
+
+    reference, reference_adapter = None, None
+    if uses_adapter and is_run_with_adapter(recipe.model.name_or_path):
+        # Continuing a run's adapter: the reference is that adapter as it was, not the bare base.
+        model.load_adapter(modeling.resolve_path(recipe.model.name_or_path), adapter_name=REFERENCE,
+                           is_trainable=False)
+        reference_adapter = REFERENCE
+    elif not uses_adapter:
+        reference = copy.deepcopy(model).eval()
+        reference.requires_grad_(False)
+
+    reward_model = next((f.reward_model for f in reward_functions if hasattr(f, "reward_model")), None)
+    critic_init = args.critic_init
+    if critic_init == "auto":
+        critic_init = "reward_model" if reward_model is not None else "policy"
+    if critic_init == "reward_model":
+        if reward_model is None:
+            raise RecipeError("train.critic_init is reward_model, but reward.sources has no reward model")
+        source = next(f for f in reward_functions if hasattr(f, "reward_model")).reward_model_path
+        critic_model, value_head = _critic_from_reward_model(source, tokenizer.pad_token_id)
+        critic_adapter = None
+    elif uses_adapter:
+        model.add_adapter(CRITIC, copy.deepcopy(model.peft_config[POLICY]))
+        critic_model, critic_adapter = model, CRITIC
+        value_head = _new_value_head(model)
+    else:
+        critic_model = modeling.load_model(recipe.model, head="reward")
+        value_head, critic_adapter = critic_model.score, None
+
+    trainable = _trainable_parameters(model, uses_adapter, critic_model, critic_adapter, value_head)
+    models = ActorCritic(policy=model, reference=reference, reference_adapter=reference_adapter,
+                         critic_model=critic_model, critic_adapter=critic_adapter, value_head=value_head,
+                         trainable=trainable)
+    _freeze_all_but(models)
+    models._set_adapter(POLICY) if uses_adapter else None
+    logger.info("ppo: policy %s, reference %s, critic %s", "adapter" if uses_adapter else "full model",
+                "frozen run adapter" if reference_adapter else "adapter disabled" if uses_adapter else "frozen copy",
+                f"adapter '{critic_adapter}' on the shared base" if critic_adapter else
+                f"own model ({critic_init})")
+    return models, tokenizer
+
+
+def _critic_from_reward_model(path: str, pad_token_id: int) -> tuple[Any, nn.Module]:
+    """A trainable copy of the reward model: an rm run dir's adapter and head, or every weight of a full one."""
+    resolved = modeling.resolve_path(path)
+    if is_run_with_adapter(resolved):
+        from peft import PeftModel
+
+        base = modeling.base_settings_of_adapter(Path(resolved), ModelSettings(name_or_path=path))
+        model = PeftModel.from_pretrained(modeling.load_model(base, head="reward"), resolved, is_trainable=True)
+        head = model.get_base_model().score
+    else:
+        model = modeling.load_model(ModelSettings(name_or_path=path), head="reward")
+        head = model.score
+    model.config.pad_token_id = pad_token_id
+    return model, head
+
+
+def _new_value_head(model) -> nn.Module:
+    hidden_size = model.get_base_model().config.get_text_config().hidden_size
+    head = nn.Linear(hidden_size, 1, bias=False)
+    # Zero: every value starts at 0, so the first advantages are the plain returns, not noise.
+    nn.init.zeros_(head.weight)
+    dtype = model.get_input_embeddings().weight.dtype
+    return head.to(device=model.get_input_embeddings().weight.device, dtype=dtype)
+
+
+def _trainable_parameters(policy, uses_adapter: bool, critic_model, critic_adapter: str | None,
+                          value_head: nn.Module) -> dict[str, nn.Parameter]:
+    trainable: dict[str, nn.Parameter] = {}
+    for name, parameter in policy.named_parameters():
+        if not uses_adapter or f".{POLICY}." in name:
+            trainable[f"policy.{name}"] = parameter
+        elif critic_adapter and f".{critic_adapter}." in name:
+            trainable[f"critic.{name}"] = parameter
+    if critic_adapter is None:
+        for name, parameter in critic_model.named_parameters():
+            if parameter.requires_grad:
+                trainable[f"critic.{name}"] = parameter
+    seen = {id(parameter) for parameter in trainable.values()}
+    for name, parameter in value_head.named_parameters():
+        if id(parameter) not in seen:  # a reward model's head is already among the critic's parameters
+            trainable[f"value_head.{name}"] = parameter
+    return trainable
+
+
+def _freeze_all_but(models: ActorCritic) -> None:
+    from trl.trainer.utils import disable_dropout_in_model
+
+    keep = {id(p) for p in models.trainable.values()}
+    for module in {id(m): m for m in (models.policy, models.critic_model, models.value_head)}.values():
+        for parameter in module.parameters():
+            parameter.requires_grad_(id(parameter) in keep)
+        # PPO's ratio compares two forwards of the same policy: dropout would make it noise.
+        disable_dropout_in_model(module)
+    if models.reference is not None:
+        disable_dropout_in_model(models.reference)

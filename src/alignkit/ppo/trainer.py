@@ -1,0 +1,466 @@
+"""alignkit's PPO trainer: rollouts, rewards, advantages, then clipped policy and value updates.
+
+One PPO update:
+  1. Rollout: a batch of prompts, one sampled answer each (policy, ``temperature``), cut after the first EOS.
+  2. No-grad forwards: the policy's and the reference's log-probabilities of the answer tokens (logits
+     divided by the same temperature) and the critic's values.
+  3. Rewards: the reward sources score each answer; answers without EOS lose ``missing_eos_penalty``; the
+     score lands on the last real token, every token pays ``kl_coef`` * KL(policy || reference).
+  4. GAE advantages and returns, advantages whitened over the batch.
+  5. ``num_ppo_epochs`` passes over the batch in shuffled minibatches (gradient accumulation over
+     micro-batches): clipped policy loss + ``vf_coef`` * clipped value loss, gradient clipping, AdamW, LR
+     schedule.
+
+Several processes (``accelerate launch``) each roll out their own share of the prompts; gradients of the
+trainable parameters are averaged across processes before every optimizer step, so every process holds the
+same weights. The arithmetic lives in :mod:`alignkit.ppo.core`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignkit.ppo import core
+from alignkit.ppo.config import PPOConfig
+from alignkit.ppo.models import ActorCritic
+from alignkit.runs import RunDir, last_checkpoint
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE, WEIGHTS_FILE, LOG_FILE, SAMPLES_FILE = "trainer_state.json", "trainable.safetensors", "ppo_log.jsonl", \
+    "samples.jsonl"
+SAMPLES_PER_LOG = 4
+
+# reward(prompts, completions, columns) -> (summed reward per answer, mean reward per source)
+RewardFn = Callable[[list, list[str], dict[str, list]], tuple[list[float], dict[str, float]]]
+
+
+@dataclass
+class Rollout:
+    """One batch of prompts, answers and everything PPO computes from them; tensors are (batch, ...)."""
+
+    input_ids: torch.Tensor        # prompt (left-padded) + answer (right-padded)
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    query_length: int              # answer tokens start here
+    responses: torch.Tensor        # (batch, response_length), pad after the first EOS
+    mask: torch.Tensor             # 1.0 on real answer tokens (up to and including EOS)
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor           # summed reward (after the missing-EOS penalty)
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    kl: torch.Tensor               # per-token estimate
+    ends_with_eos: torch.Tensor
+    prompts: list
+    completions: list[str]
+    source_means: dict[str, float]
+
+
+class PPOTrainer:
+    """Trains ``models`` with PPO on ``train_prompts`` (rows ``{"prompt": messages, ...columns}``)."""
+
+    def __init__(self, models: ActorCritic, tokenizer, args: PPOConfig, reward: RewardFn, train_prompts,
+                 run: RunDir, eval_prompts=None, eval_generation=None):
+        from accelerate import PartialState
+
+        self.models, self.tokenizer, self.args, self.reward = models, tokenizer, args, reward
+        self.train_prompts, self.eval_prompts, self.eval_generation = train_prompts, eval_prompts, eval_generation
+        self.run = run
+        self.state = PartialState()
+        self.device = self.state.device
+        self.world_size = self.state.num_processes
+        self.updates = self._count_updates()
+        self.kl_coef = args.kl_coef
+        self.history: list[dict[str, float]] = []
+        self.eval_reward_start: float | None = None
+        # Statistics of every minibatch of the latest update, in order (the first one shows the ratio is 1).
+        self.minibatch_stats: list[dict[str, float]] = []
+        self._place_models()
+        self.parameters = list(models.trainable.values())
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=args.learning_rate, betas=(args.adam_beta1,
+                                           args.adam_beta2), eps=args.adam_epsilon, weight_decay=args.weight_decay)
+        from transformers import get_scheduler
+
+        optimizer_steps = self.updates * args.num_ppo_epochs * args.num_mini_batches
+        self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer,
+                                       num_warmup_steps=args.get_warmup_steps(optimizer_steps),
+                                       num_training_steps=optimizer_steps)
+
+    # ---- the loop --------------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        """Run every update (resuming from the run dir's last checkpoint), save the policy, return metrics."""
+        start = self._resume() if self.run.resume_from else 0
+        if start == 0 and self.eval_prompts is not None:
+            self.eval_reward_start = self.evaluate()
+        sample_every = max(1, self.updates // self.args.num_sample_generations) if self.args.num_sample_generations \
+            else 0
+        for update in range(start + 1, self.updates + 1):
+            began = time.perf_counter()
+            rollout = self.rollout(self._prompts_for(update), seed=self.args.seed + update)
+            stats = self.optimise(rollout)
+            stats.update(self._rollout_stats(rollout))
+            stats = self._mean_across_processes(stats)
+            stats.update(update=update, kl_coef=self.kl_coef, lr=self.scheduler.get_last_lr()[0],
+                         seconds=time.perf_counter() - began)
+            self._adapt_kl_coef(stats["kl"])
+            self._log(stats)
+            if sample_every and (update % sample_every == 0 or update == 1):
+                self._write_samples(update, rollout)
+            if self.args.save_steps and update % int(self.args.save_steps) == 0 and update < self.updates:
+                self._save_checkpoint(update)
+        return self._finish()
+
+    def rollout(self, rows: Sequence[dict], seed: int) -> Rollout:
+        """Answer ``rows``' prompts with the policy and score everything PPO needs (no gradients)."""
+        args, tokenizer = self.args, self.tokenizer
+        prompts = [row["prompt"] for row in rows]
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+        queries = self._tokenize(prompts)
+        query_length = queries["input_ids"].shape[1]
+        torch.manual_seed(seed * self.world_size + self.state.process_index)  # resumable, distinct per process
+        responses = torch.cat([self._generate(queries["input_ids"][chunk], queries["attention_mask"][chunk])
+                               for chunk in self._chunks(len(rows))])
+        responses, mask, ends_with_eos = self._cut_after_eos(responses)
+        input_ids = torch.cat([queries["input_ids"], responses], dim=1)
+        attention_mask = torch.cat([queries["attention_mask"], mask.long()], dim=1)
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+        logprobs, ref_logprobs, values = [], [], []
+        with torch.no_grad():
+            for chunk in self._chunks(len(rows)):
+                inputs = (input_ids[chunk], attention_mask[chunk], position_ids[chunk])
+                logprobs.append(self._answer_logprobs(self.models.policy_logits(*inputs), responses[chunk],
+                                                      query_length)[0])
+                ref_logprobs.append(self._answer_logprobs(self.models.reference_logits(*inputs), responses[chunk],
+                                                          query_length)[0])
+                values.append(self.models.values(*inputs)[:, query_length - 1:-1])
+        logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+
+        completions = [tokenizer.decode(ids[row_mask.bool()], skip_special_tokens=True).strip()
+                       for ids, row_mask in zip(responses, mask)]
+        summed, source_means = self.reward(prompts, completions, columns)
+        scores = torch.tensor(summed, dtype=torch.float32, device=self.device)
+        scores = core.apply_missing_eos_penalty(scores, ends_with_eos, args.missing_eos_penalty)
+
+        kl = core.kl_per_token(logprobs, ref_logprobs, mask, args.kl_estimator)
+        rewards = core.token_rewards(scores, kl, mask, self.kl_coef)
+        if args.whiten_rewards:
+            rewards = core.masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = core.gae(rewards, values * mask, mask, args.gamma, args.lam)
+        advantages = core.masked_whiten(advantages, mask)
+        return Rollout(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       query_length=query_length, responses=responses, mask=mask, logprobs=logprobs,
+                       ref_logprobs=ref_logprobs, values=values * mask, scores=scores, advantages=advantages,
+                       returns=returns, kl=kl, ends_with_eos=ends_with_eos, prompts=prompts,
+                       completions=completions, source_means=source_means)
+
+    def optimise(self, rollout: Rollout) -> dict[str, float]:
+        """``num_ppo_epochs`` passes of clipped policy + value updates over the rollout; mean statistics."""
+        args = self.args
+        generator = torch.Generator().manual_seed(args.seed + len(self.history))
+        self.minibatch_stats = []
+        for _epoch in range(args.num_ppo_epochs):
+            order = torch.randperm(len(rollout.completions), generator=generator)
+            for minibatch in order.split(args.local_mini_batch_size):
+                micro_stats = [self._backward(rollout, micro.to(self.device), len(minibatch))
+                               for micro in minibatch.split(args.per_device_train_batch_size)]
+                self._average_gradients()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, args.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                stats = {key: sum(s[key] * s["rows"] for s in micro_stats) / len(minibatch)
+                         for key in micro_stats[0] if key != "rows"}
+                self.minibatch_stats.append(stats | {"grad_norm": float(grad_norm)})
+        means = {key: sum(s[key] for s in self.minibatch_stats) / len(self.minibatch_stats)
+                 for key in self.minibatch_stats[0]}
+        # Before its first step the policy is the one that sampled: ratio 1 and nothing clipped, or the
+        # rollout and training log-probabilities disagree (dropout, temperature, padding...).
+        first = self.minibatch_stats[0]
+        return means | {"policy/ratio_first_minibatch": first["policy/ratio"],
+                        "policy/clipfrac_first_minibatch": first["policy/clipfrac"]}
+
+    def _backward(self, rollout: Rollout, rows: torch.Tensor, minibatch_rows: int) -> dict[str, float]:
+        inputs = (rollout.input_ids[rows], rollout.attention_mask[rows], rollout.position_ids[rows])
+        mask = rollout.mask[rows]
+        logprobs, entropy = self._answer_logprobs(self.models.policy_logits(*inputs), rollout.responses[rows],
+                                                  rollout.query_length, with_entropy=True)
+        values = self.models.values(*inputs)[:, rollout.query_length - 1:-1]
+        pg_loss, pg_stats = core.policy_loss(logprobs, rollout.logprobs[rows], rollout.advantages[rows], mask,
+                                             self.args.cliprange)
+        vf_loss, vf_stats = core.value_loss(values, rollout.values[rows], rollout.returns[rows], mask,
+                                            self.args.cliprange_value)
+        loss = pg_loss + self.args.vf_coef * vf_loss
+        # Each micro-batch's mean loss counts by its share of the minibatch's rows.
+        (loss * len(rows) / minibatch_rows).backward()
+        value = lambda tensor: float(tensor.detach())  # noqa: E731
+        return {"loss/policy": value(pg_loss), "loss/value": value(vf_loss), "policy/ratio": value(pg_stats["ratio"]),
+                "policy/clipfrac": value(pg_stats["clipfrac"]), "policy/approx_kl": value(pg_stats["approx_kl"]),
+                "policy/entropy": value(core.masked_mean(entropy, mask)),
+                "value/clipfrac": value(vf_stats["value_clipfrac"]), "rows": len(rows)}
+
+    # ---- evaluation and results ----------------------------------------------------------------------------
+
+    def evaluate(self) -> float:
+        """Mean reward of the policy's answers to the held-out prompts (greedy unless the recipe says otherwise)."""
+        from alignkit.generation import generate
+
+        rows = self.eval_prompts
+        prompts = list(rows["prompt"])
+        columns = {key: list(rows[key]) for key in rows.column_names if key != "prompt"}
+        with self.models._adapter("default"):
+            completions = generate(self.models.policy, self.tokenizer, prompts, self.eval_generation)
+        rewards, _ = self.reward(prompts, completions, columns)
+        return sum(rewards) / len(rewards)
+
+    def _finish(self) -> dict[str, Any]:
+        from alignkit.plots import write_line_plot
+
+        self.models.save_policy(self.run.path) if self.state.is_main_process else None
+        if self.state.is_main_process:
+            self.tokenizer.save_pretrained(str(self.run.path))
+            updates = [entry["update"] for entry in self.history]
+            write_line_plot(self.run.path / "ppo_reward.svg", "PPO: mean reward per update", updates,
+                            {"reward": [e["reward"] for e in self.history]})
+            write_line_plot(self.run.path / "ppo_kl.svg", "PPO: KL to the reference per update", updates,
+                            {"kl": [e["kl"] for e in self.history]})
+        self.state.wait_for_everyone()
+        window = max(1, min(10, len(self.history) // 10))  # smooths the single-batch noise of one update
+        mean = lambda entries, key: sum(e[key] for e in entries) / len(entries)  # noqa: E731
+        metrics: dict[str, Any] = {
+            "ppo/updates": len(self.history),
+            "ppo/reward_start": mean(self.history[:window], "reward"),
+            "ppo/reward_end": mean(self.history[-window:], "reward"),
+            "ppo/kl_end": mean(self.history[-window:], "kl"),
+            "ppo/eos_rate_end": mean(self.history[-window:], "eos_rate"),
+            "ppo/seconds_per_update": mean(self.history, "seconds"),
+            "ppo/average_window": window,
+        }
+        if self.eval_prompts is not None:
+            metrics["ppo/eval_reward_start"] = self.eval_reward_start
+            metrics["ppo/eval_reward_end"] = self.evaluate()
+            metrics["ppo/eval_prompts"] = len(self.eval_prompts)
+        return metrics
+
+    # ---- rollout helpers -----------------------------------------------------------------------------------
+
+    def _tokenize(self, prompts: list) -> dict[str, torch.Tensor]:
+        texts = [self.tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
+                 for p in prompts]
+        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
+        try:  # the template holds the special tokens already; the answer starts right after every prompt
+            batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            self.tokenizer.padding_side = side
+        return {key: value.to(self.device) for key, value in batch.items()}
+
+    def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        from transformers import GenerationConfig
+
+        args = self.args
+        config = GenerationConfig(max_new_tokens=args.response_length, min_new_tokens=0, do_sample=True,
+                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                                  use_cache=True)
+        with torch.no_grad():
+            output = self.models.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        answers = output[:, input_ids.shape[1]:]
+        padding = args.response_length - answers.shape[1]
+        return torch.nn.functional.pad(answers, (0, padding), value=self.tokenizer.pad_token_id)
+
+    def _cut_after_eos(self, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(responses with pad after the first EOS, mask of real tokens incl. EOS, whether each has an EOS)."""
+        is_eos = responses == self.tokenizer.eos_token_id
+        ends_with_eos = is_eos.any(dim=1)
+        length = responses.shape[1]
+        first_eos = torch.where(ends_with_eos, is_eos.int().argmax(dim=1), torch.full_like(ends_with_eos, length,
+                                                                                           dtype=torch.long))
+        positions = torch.arange(length, device=responses.device).expand_as(responses)
+        mask = positions <= first_eos.unsqueeze(1)
+        return responses.masked_fill(~mask, self.tokenizer.pad_token_id), mask.float(), ends_with_eos
+
+    def _answer_logprobs(self, logits: torch.Tensor, responses: torch.Tensor, query_length: int,
+                         with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probabilities (and entropies) of the answer tokens under temperature-scaled logits, the
+        distribution they were sampled from. Logits at position t predict token t + 1."""
+        from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+        logits = logits[:, query_length - 1:-1].float() / self.args.temperature
+        logprobs = selective_log_softmax(logits, responses)
+        return logprobs, entropy_from_logits(logits.detach()) if with_entropy else None
+
+    def _chunks(self, rows: int) -> list[slice]:
+        size = self.args.local_rollout_forward_batch_size
+        return [slice(start, start + size) for start in range(0, rows, size)]
+
+    def _prompts_for(self, update: int) -> list[dict]:
+        """This process's prompts for ``update``: a seeded reshuffle of the data per pass, so a resumed run
+        sees exactly the prompts it would have seen, and processes take disjoint shares."""
+        count = len(self.train_prompts)
+        global_batch = self.args.local_rollout_batch_size * self.world_size
+        first = (update - 1) * global_batch
+        positions = range(first + self.state.process_index, first + global_batch, self.world_size)
+        orders: dict[int, list[int]] = {}
+        indices = []
+        for position in positions:
+            epoch = position // count
+            if epoch not in orders:
+                orders[epoch] = torch.randperm(count, generator=torch.Generator().manual_seed(self.args.seed + epoch)
+                                               ).tolist()
+            indices.append(orders[epoch][position % count])
+        return [self.train_prompts[i] for i in indices]
+
+    def _rollout_stats(self, rollout: Rollout) -> dict[str, float]:
+        mask = rollout.mask
+        kl_per_answer = rollout.kl.sum(1)
+        stats = {
+            "reward": float(rollout.scores.mean()),
+            "reward_std": float(rollout.scores.std()) if len(rollout.scores) > 1 else 0.0,
+            "kl": float(kl_per_answer.mean()),
+            "non_score_reward": float((-self.kl_coef * kl_per_answer).mean()),
+            "eos_rate": float(rollout.ends_with_eos.float().mean()),
+            "response_length": float(mask.sum(1).mean()),
+            "value/mean": float(core.masked_mean(rollout.values, mask)),
+            "advantage/mean": float(core.masked_mean(rollout.advantages, mask)),
+        }
+        stats.update({f"reward/{name}": value for name, value in rollout.source_means.items()})
+        return stats
+
+    # ---- bookkeeping -----------------------------------------------------------------------------------------
+
+    def _count_updates(self) -> int:
+        args = self.args
+        global_batch = args.local_rollout_batch_size * self.world_size
+        if args.max_steps and args.max_steps > 0:
+            return args.max_steps
+        if args.total_episodes:
+            return math.ceil(args.total_episodes / global_batch)
+        return max(1, math.ceil(args.num_train_epochs * len(self.train_prompts) / global_batch))
+
+    def _place_models(self) -> None:
+        models = self.models
+        for model in (models.policy, models.reference, models.critic_model, models.value_head):
+            if model is not None and not getattr(model, "hf_device_map", None) and not _is_quantized(model):
+                model.to(self.device)
+        for model in (models.policy, models.critic_model, models.value_head):
+            model.train()
+        if models.reference is not None:
+            models.reference.eval()
+
+    def _average_gradients(self) -> None:
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        for parameter in self.parameters:  # every process reduces every tensor, in the same order
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
+            parameter.grad /= self.world_size
+
+    def _mean_across_processes(self, stats: dict[str, float]) -> dict[str, float]:
+        if self.world_size == 1:
+            return stats
+        import torch.distributed as dist
+
+        keys = sorted(stats)
+        values = torch.tensor([stats[key] for key in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return dict(zip(keys, (values / self.world_size).tolist()))
+
+    def _adapt_kl_coef(self, kl: float) -> None:
+        """Ziegler et al. (2019): move the coefficient by at most 20% of its step towards the KL target."""
+        if self.args.kl_target is None:
+            return
+        error = min(max(kl / self.args.kl_target - 1, -0.2), 0.2)
+        episodes = self.args.local_rollout_batch_size * self.world_size
+        self.kl_coef *= 1 + error * episodes / self.args.kl_horizon
+
+    def _log(self, stats: dict[str, float]) -> None:
+        self.history.append(stats)
+        if not self.state.is_main_process:
+            return
+        with (self.run.path / LOG_FILE).open("a") as log:
+            log.write(json.dumps(stats) + "\n")
+        update = int(stats["update"])
+        if update % max(1, int(self.args.logging_steps)) == 0 or update == self.updates:
+            logger.info("ppo update %d/%d: reward %.3f  kl %.3f  entropy %.3f  clipfrac %.3f  value loss %.4f  "
+                        "approx kl %.4f  eos %.2f  (%.1fs)", update, self.updates, stats["reward"], stats["kl"],
+                        stats["policy/entropy"], stats["policy/clipfrac"], stats["loss/value"],
+                        stats["policy/approx_kl"], stats["eos_rate"], stats["seconds"])
+
+    def _write_samples(self, update: int, rollout: Rollout) -> None:
+        if not self.state.is_main_process:
+            return
+        with (self.run.path / SAMPLES_FILE).open("a") as samples:
+            for prompt, completion, score in list(zip(rollout.prompts, rollout.completions,
+                                                      rollout.scores.tolist()))[:SAMPLES_PER_LOG]:
+                samples.write(json.dumps({"update": update, "prompt": prompt[-1]["content"],
+                                          "completion": completion, "reward": score}) + "\n")
+                logger.info("  sample: %s -> %r (reward %.3f)", prompt[-1]["content"], completion, score)
+
+    def _save_checkpoint(self, update: int) -> None:
+        from safetensors.torch import save_file
+
+        path = self.run.path / f"checkpoint-{update}"
+        if self.state.is_main_process:
+            path.mkdir(parents=True, exist_ok=True)
+            self.models.save_policy(path)
+            save_file(self.models.trainable_state(), str(path / WEIGHTS_FILE))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       path / "optimizer.pt")
+            # Written last: a checkpoint without it was cut off mid-save and is never resumed from.
+            (path / STATE_FILE).write_text(json.dumps({
+                "update": update, "kl_coef": self.kl_coef, "eval_reward_start": self.eval_reward_start,
+                "history": self.history}, indent=1))
+            self._rotate_checkpoints()
+        self.state.wait_for_everyone()
+
+    def _rotate_checkpoints(self) -> None:
+        limit = self.args.save_total_limit
+        if not limit:
+            return
+        checkpoints = sorted(self.run.path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in checkpoints[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _resume(self) -> int:
+        from safetensors.torch import load_file
+
+        path = self.run.resume_from
+        assert path is not None and last_checkpoint(path.parent) is not None
+        self.models.load_trainable_state(load_file(str(path / WEIGHTS_FILE)))
+        saved = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        state = json.loads((path / STATE_FILE).read_text())
+        self.kl_coef, self.history = state["kl_coef"], state["history"]
+        self.eval_reward_start = state["eval_reward_start"]
+        logger.info("ppo: resumed at update %d of %d from %s", state["update"], self.updates, path.name)
+        if self.state.is_main_process:  # the log keeps exactly the updates the resumed run stands on
+            (self.run.path / LOG_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in self.history))
+        return int(state["update"])
+
+
+def _is_quantized(model) -> bool:
+    from alignkit.modeling import is_quantized
+
+    return is_quantized(model) or is_quantized(getattr(model, "get_base_model", lambda: model)())
+
+
+def checkpoint_state(path: Path) -> dict[str, Any]:
+    """The trainer state saved in a checkpoint (update number, KL coefficient, history)."""
+    return json.loads((path / STATE_FILE).read_text())

@@ -1,0 +1,170 @@
+"""Reward sources for the RL stages (ppo, grpo, rloo): reward models and rule functions, weighted.
+
+A recipe names its rewards in a ``reward:`` section; nothing in it is executed until the run starts::
+
+    reward:
+      sources:
+        - {function: alignkit.demo.rewards:reversal_reward}   # a rule, by import path
+        - {model: runs/demo-rm, weight: 0.5}                 # an rm run dir, a local dir or a hub id
+
+Every source becomes a *reward function* with TRL's signature, ``f(prompts, completions, **columns) ->
+list[float]``: prompts are message lists, completions are the decoded answers (strings), and the other
+columns of the prompt dataset arrive as keyword lists (a reference answer, a test case...). TRL's GRPO and
+RLOO trainers take these functions as they are; alignkit's PPO adds them up with their weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from alignkit.errors import RecipeError
+
+RewardFunction = Callable[..., list[float]]
+
+# module.path:attribute (the attribute may be dotted, e.g. a method of a class in the module)
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+@dataclass
+class RewardSource:
+    """One reward: a reward model or a rule function, with its weight in the sum."""
+
+    model: str | None = field(
+        default=None,
+        metadata={"help": "Reward model scoring (prompt, answer): an rm run dir, a local directory or a hub id of a "
+                  "sequence classifier with one label."},
+    )
+    function: str | None = field(
+        default=None,
+        metadata={"help": "A rule reward by import path, module:function (e.g. alignkit.demo.rewards:reversal_reward), "
+                  "called as f(prompts, completions, **columns) -> list of floats, TRL's reward-function signature."},
+    )
+    weight: float = field(default=1.0, metadata={"help": "Weight of this source in the summed reward."})
+    batch_size: int = field(default=32, metadata={"help": "Answers scored per forward pass (reward models)."})
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (self.function is None):
+            raise ValueError("give exactly one of 'model' (a reward model) or 'function' (module:function)")
+        if self.function is not None and not _IMPORT_PATH.match(self.function):
+            raise ValueError(f"function '{self.function}' is not an import path of the form module:function "
+                             "(e.g. alignkit.demo.rewards:reversal_reward)")
+
+    @property
+    def name(self) -> str:
+        return self.function.rsplit(":", 1)[1] if self.function else f"reward_model({self.model})"
+
+
+@dataclass
+class RewardSettings:
+    """The reward of the RL stages: the weighted sum of its sources."""
+
+    sources: list[RewardSource] = field(
+        default_factory=list, metadata={"help": "Reward models and rule functions; the reward is their weighted sum."}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ValueError("give at least one source, e.g. sources: [{function: module:function}]")
+
+    @property
+    def weights(self) -> list[float]:
+        return [source.weight for source in self.sources]
+
+
+def import_function(path: str) -> RewardFunction:
+    """The callable named by ``module:attribute``; an error naming what is missing otherwise."""
+    module_name, _, attribute = path.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise RecipeError(f"reward function '{path}': cannot import module '{module_name}' ({err})") from None
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            public = [name for name in dir(target) if not name.startswith("_")]
+            from alignkit.suggest import did_you_mean
+
+            raise RecipeError(f"reward function '{path}': '{module_name}' has no '{attribute}'."
+                              f"{did_you_mean(part, public)}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise RecipeError(f"reward function '{path}' is a {type(target).__name__}, not a function")
+    return target
+
+
+def reward_model_function(path: str, batch_size: int = 32) -> RewardFunction:
+    """A reward function scoring each (prompt, answer) with the reward model at ``path``."""
+    from alignkit.feedback import RewardModel
+
+    scorer = RewardModel.load(path, batch_size=batch_size)
+
+    def score(prompts: Sequence, completions: Sequence, **_columns) -> list[float]:
+        return scorer.score([_as_messages(p) for p in prompts], [_as_text(c) for c in completions])
+
+    score.__name__ = f"reward_model_{_slug(path)}"  # TRL logs each function's reward under its name
+    # PPO may start its critic from this reward model.
+    score.reward_model = scorer  # type: ignore[attr-defined]
+    score.reward_model_path = path  # type: ignore[attr-defined]
+    return score
+
+
+def load_reward_functions(settings: RewardSettings) -> list[RewardFunction]:
+    """One reward function per source, rule functions checked to take (prompts, completions, ...)."""
+    functions = []
+    for source in settings.sources:
+        if source.function is not None:
+            function = import_function(source.function)
+            _check_signature(function, source.function)
+            functions.append(function)
+        else:
+            functions.append(reward_model_function(source.model, source.batch_size))
+    return functions
+
+
+def weighted_reward(functions: Sequence[RewardFunction], weights: Sequence[float], prompts: Sequence,
+                    completions: Sequence[str], columns: dict[str, list] | None = None) -> tuple[list[float],
+                                                                                             dict[str, float]]:
+    """The weighted sum of every function's rewards, and each function's mean (for logging)."""
+    total = [0.0] * len(completions)
+    means: dict[str, float] = {}
+    for function, weight in zip(functions, weights, strict=True):
+        rewards = function(prompts=list(prompts), completions=list(completions), **(columns or {}))
+        if len(rewards) != len(completions):
+            raise ValueError(f"reward function {function.__name__} returned {len(rewards)} rewards for "
+                             f"{len(completions)} completions")
+        values = [float("nan") if r is None else float(r) for r in rewards]
+        means[function.__name__] = sum(values) / len(values)
+        total = [t + weight * v for t, v in zip(total, values)]
+    return total, means
+
+
+def _check_signature(function: RewardFunction, path: str) -> None:
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # builtins without a signature: trust them
+        return
+    parameters = signature.parameters
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    missing = [name for name in ("prompts", "completions") if name not in parameters and not takes_kwargs]
+    if missing:
+        raise RecipeError(f"reward function '{path}' must accept prompts and completions as keyword arguments "
+                          f"(TRL's signature f(prompts, completions, **kwargs)); it lacks {', '.join(missing)}")
+
+
+def _as_messages(prompt: Any) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def _as_text(completion: Any) -> str:
+    # TRL passes conversational completions as [{"role": "assistant", "content": ...}].
+    if isinstance(completion, str):
+        return completion
+    return "".join(message["content"] for message in completion)
+
+
+def _slug(path: str) -> str:
+    return re.sub(r"\W+", "_", str(path)).strip("_")

@@ -1,0 +1,64 @@
+"""PPO (actor-critic RLHF) on alignkit's own trainer; TRL removed its PPOTrainer in 1.13.
+
+recipe -> PPOConfig (``train``) -> prompt-only data -> reward sources (``reward``) -> policy, reference and
+critic (one base when the policy has an adapter) -> PPO updates -> run dir with the policy adapter (or
+model), ``ppo_log.jsonl`` (every update's statistics), ``samples.jsonl``, ``ppo_reward.svg`` and
+``ppo_kl.svg``, and ``metrics.json``:
+
+  ppo/reward_start, ppo/reward_end  mean reward of the rollouts over the first / last updates (a window of
+                                    a tenth of the updates, 1 to 10, smooths the noise of single batches)
+  ppo/kl_end                        mean KL(policy || reference) per answer over the last updates
+  ppo/eval_reward_start, _end       mean reward of greedy answers to the held-out prompts, before and after
+"""
+
+from __future__ import annotations
+
+from alignkit import training
+from alignkit.data import load_prompt_data
+from alignkit.ppo.config import PPOConfig
+from alignkit.ppo.models import build_actor_critic
+from alignkit.ppo.trainer import PPOTrainer
+from alignkit.recipe import GenerationSettings, Recipe
+from alignkit.rewards import RewardSettings, load_reward_functions, weighted_reward
+from alignkit.runs import RunDir
+from alignkit.stages import Stage
+
+
+def run(recipe: Recipe, run_dir: RunDir) -> dict:
+    trainer = build_trainer(recipe, run_dir)
+    return training.parameter_metrics(trainer.models.policy) | trainer.train()
+
+
+def build_trainer(recipe: Recipe, run_dir: RunDir) -> PPOTrainer:
+    """Everything up to the first update: config, data (before any model, to fail fast), rewards, models."""
+    args = training.training_args(recipe, PPOConfig, run_dir.path)
+    data = load_prompt_data(recipe.data)
+    training.record_data(run_dir, data)
+    settings: RewardSettings = recipe.sections["reward"]
+    functions = load_reward_functions(settings)
+
+    def reward(prompts, completions, columns):
+        return weighted_reward(functions, settings.weights, prompts, completions, columns)
+
+    models, tokenizer = build_actor_critic(recipe, args, functions)
+    return PPOTrainer(models, tokenizer, args, reward, data.train, run_dir, eval_prompts=_held_out(data.eval, recipe),
+                      eval_generation=_eval_generation(recipe, args))
+
+
+def _held_out(dataset, recipe: Recipe):
+    if dataset is None:
+        return None
+    limit = recipe.evaluate.max_samples if recipe.evaluate else 200
+    return dataset.select(range(min(len(dataset), limit or len(dataset))))
+
+
+def _eval_generation(recipe: Recipe, args: PPOConfig) -> GenerationSettings:
+    if recipe.evaluate is not None:
+        return recipe.evaluate.generation
+    return GenerationSettings(max_new_tokens=args.response_length, do_sample=False,
+                              batch_size=args.local_rollout_forward_batch_size)
+
+
+STAGE = Stage(name="ppo", help="PPO with a critic (alignkit's trainer): reward models and rule rewards",
+              train_config=lambda: PPOConfig, run=run, sections={"reward": RewardSettings},
+              required_sections=("reward",))

@@ -1,0 +1,211 @@
+"""alignkit's PPO on the demo model: the invariants on real rollouts, the run dir, resume, memory modes,
+several processes, and recipe errors. The arithmetic itself is tested in test_ppo_core.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+
+from alignkit.errors import RecipeError
+from alignkit.recipe import load_recipe
+from alignkit.runs import RunDir
+
+DEMO_PPO = str(REPO / "recipes/demo/ppo.yaml")
+# From the bare demo base with a fresh LoRA adapter: no run dir needed, and rewards are far from perfect.
+FROM_BASE = ("model.name_or_path=demo:tiny-llama", "adapter={method: lora, r: 8, lora_alpha: 16, "
+             "target_modules: all-linear}")
+QUICK = ("train.per_device_train_batch_size=8", "train.num_mini_batches=2", "train.num_ppo_epochs=2",
+         "train.num_sample_generations=1", "evaluate.max_samples=16")
+
+
+def _trainer(tmp_path: Path, *overrides: str):
+    from alignkit.stages.ppo import build_trainer
+
+    recipe = load_recipe(DEMO_PPO, [*FROM_BASE, *QUICK, f"train.output_dir={tmp_path}", *overrides])
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return build_trainer(recipe, RunDir(path=tmp_path))
+
+
+def test_first_minibatch_of_an_update_has_ratio_one_and_nothing_clipped(tmp_path):
+    trainer = _trainer(tmp_path / "run", "train.learning_rate=1e-3")
+    for update in (1, 2):  # the second update starts from a policy the first one changed
+        rollout = trainer.rollout(trainer._prompts_for(update), seed=update)
+        stats = trainer.optimise(rollout)
+        first = trainer.minibatch_stats[0]
+        assert first["policy/ratio"] == pytest.approx(1.0, abs=1e-5)
+        assert first["policy/clipfrac"] == 0.0
+        assert stats["policy/ratio_first_minibatch"] == first["policy/ratio"]
+    # Later minibatches see a policy that has moved (lr 1e-3): the invariant is not vacuous.
+    assert any(abs(s["policy/ratio"] - 1) > 1e-4 or s["policy/clipfrac"] > 0 for s in trainer.minibatch_stats[1:])
+
+
+def test_rollout_masks_everything_after_the_first_eos(tmp_path):
+    trainer = _trainer(tmp_path / "run", "train.response_length=12")
+    rollout = trainer.rollout(trainer._prompts_for(1), seed=1)
+    eos, pad = trainer.tokenizer.eos_token_id, trainer.tokenizer.pad_token_id
+    for tokens, mask, has_eos, kl in zip(rollout.responses, rollout.mask, rollout.ends_with_eos, rollout.kl):
+        real = int(mask.sum())
+        if has_eos:
+            assert tokens[real - 1] == eos and eos not in tokens[:real - 1].tolist()
+        else:
+            assert real == 12
+        assert (tokens[real:] == pad).all()
+        assert (kl[real:] == 0).all()  # no KL penalty on padding
+    # A fresh adapter starts at the reference: KL is zero on real tokens too (it is the base with adapter off).
+    assert rollout.kl.abs().max() < 1e-5
+    assert rollout.scores.shape == (len(rollout.completions),)
+
+
+def test_ppo_run_dir_holds_policy_log_plots_and_metrics(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("ppo", DEMO_PPO, *FROM_BASE, *QUICK, f"train.output_dir={run_dir}", "train.max_steps=3",
+                     "train.missing_eos_penalty=1.0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "recipe.yaml",
+                 "ppo_reward.svg", "ppo_kl.svg", "samples.jsonl"):
+        assert (run_dir / name).is_file(), name
+    log = [json.loads(line) for line in (run_dir / "ppo_log.jsonl").read_text().splitlines()]
+    assert [entry["update"] for entry in log] == [1, 2, 3]
+    for key in ("reward", "kl", "policy/entropy", "policy/clipfrac", "value/clipfrac", "loss/value",
+                "policy/approx_kl", "eos_rate", "reward/reversal_reward"):
+        assert key in log[0], key
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("ppo/reward_start", "ppo/reward_end", "ppo/kl_end", "ppo/eval_reward_start", "ppo/eval_reward_end"):
+        assert isinstance(metrics[key], float), key
+    assert metrics["ppo/updates"] == 3
+    assert "<polyline" in (run_dir / "ppo_reward.svg").read_text()
+    # Only the policy adapter is the run's model; the reference and critic adapters are not saved with it.
+    assert not (run_dir / "critic").exists() and not (run_dir / "reference").exists()
+
+
+def test_killed_ppo_run_resumes_from_its_last_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["ppo", DEMO_PPO, *FROM_BASE, *QUICK, f"train.output_dir={run_dir}", "train.max_steps=6",
+            "train.save_steps=2", "evaluate.max_samples=4"]
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "alignkit", *args], cwd=REPO, stdout=out, stderr=out,
+                                   env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        deadline = time.time() + 300
+        while not (run_dir / "checkpoint-2" / "trainer_state.json").exists():
+            assert process.poll() is None, log.read_text()[-2000:]
+            assert time.time() < deadline, "no checkpoint within 5 minutes"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
+
+    resumed = run_cli(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at update" in resumed.stderr
+    updates = [json.loads(line)["update"] for line in (run_dir / "ppo_log.jsonl").read_text().splitlines()]
+    assert updates == [1, 2, 3, 4, 5, 6]  # the updates after the checkpoint once each, none lost or repeated
+    assert json.loads((run_dir / "metrics.json").read_text())["ppo/updates"] == 6
+
+
+@pytest.fixture
+def reward_model_dir(tmp_path, demo_model_path) -> Path:
+    """A full reward model on the demo base (its head is untrained: what matters here is the plumbing)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = tmp_path / "rm"
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_path)
+    model = AutoModelForSequenceClassification.from_pretrained(demo_model_path, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_full_fine_tune_has_separate_models_and_a_critic_from_the_reward_model(tmp_path, reward_model_dir):
+    trainer = _trainer(tmp_path / "run", "adapter={method: none}", "reward={sources: [{model: "
+                       f"{reward_model_dir}}}]}}", "train.learning_rate=1e-5")
+    models = trainer.models
+    assert not models.uses_adapter
+    assert models.reference is not None and not any(p.requires_grad for p in models.reference.parameters())
+    # The critic is a trainable copy of the reward model, its reward head the value head.
+    assert models.critic_model is not models.policy and models.critic_adapter is None
+    from transformers import AutoModelForSequenceClassification
+
+    rm_head = AutoModelForSequenceClassification.from_pretrained(reward_model_dir).score.weight
+    assert torch.equal(models.value_head.weight.detach().cpu(), rm_head)
+    reference_before = next(models.reference.parameters()).detach().clone()
+    rollout = trainer.rollout(trainer._prompts_for(1), seed=1)
+    trainer.optimise(rollout)
+    assert torch.equal(next(models.reference.parameters()), reference_before)
+    assert not torch.equal(models.value_head.weight.detach().cpu(), rm_head)
+
+
+def test_adapter_mode_shares_one_base_between_policy_reference_and_critic(tmp_path):
+    trainer = _trainer(tmp_path / "run")
+    models = trainer.models
+    assert models.uses_adapter and models.reference is None and models.critic_model is models.policy
+    assert set(models.policy.peft_config) == {"default", "critic"}
+    names = list(models.trainable)
+    assert all(".default." in n or ".critic." in n or n.startswith("value_head") for n in names)
+    assert any(".critic." in n for n in names) and any(".default." in n for n in names)
+    # Base weights are frozen and held once.
+    frozen = [p for n, p in models.policy.named_parameters() if "lora_" not in n]
+    assert frozen and not any(p.requires_grad for p in frozen)
+
+
+def test_qlora_ppo_trains_the_adapter_on_a_4bit_base(tmp_path):
+    trainer = _trainer(tmp_path / "run", "model.quantization={bits: 4}", "adapter.method=qlora",
+                       "train.learning_rate=1e-3")
+    from alignkit.modeling import is_quantized
+
+    assert is_quantized(trainer.models.policy.get_base_model())
+    before = {n: p.detach().clone() for n, p in trainer.models.trainable.items() if ".default." in n}
+    rollout = trainer.rollout(trainer._prompts_for(1), seed=1)
+    stats = trainer.optimise(rollout)
+    assert stats["policy/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-5)
+    changed = [n for n, p in trainer.models.trainable.items() if n in before and not torch.equal(p, before[n])]
+    assert changed
+
+
+def test_ppo_runs_with_two_processes(tmp_path):
+    run_dir = tmp_path / "run"
+    # torchrun sets RANK / WORLD_SIZE; accelerate's PartialState picks them up and uses gloo on CPUs.
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "alignkit", "ppo",
+               DEMO_PPO, *FROM_BASE, *QUICK, f"train.output_dir={run_dir}", "train.max_steps=2"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["run/world_size"] == 2
+    assert metrics["ppo/updates"] == 2
+    log = [json.loads(line) for line in (run_dir / "ppo_log.jsonl").read_text().splitlines()]
+    assert [entry["update"] for entry in log] == [1, 2]  # written once, by the main process
+    assert log[0]["policy/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("reward=null",), "missing section 'reward'"),
+    (("reward={sources: [{function: alignkit.demo.rewards:reversal_rewrd}]}",), "Did you mean 'reversal_reward'"),
+    (("reward={sources: [{function: alignkit.demo.rewardz:reversal_reward}]}",), "cannot import module"),
+    (("reward={sources: [{function: alignkit.demo.rewards}]}",), "not an import path"),
+    (("reward={sources: [{model: x, function: a:b}]}",), "exactly one of"),
+    (("train.per_device_train_batch_size=6", "train.num_mini_batches=4"), "equal minibatches"),
+    (("train.kl_estimator=k2",), "train.kl_estimator"),
+    (("train.num_ppo_epoch=2",), "Did you mean 'num_ppo_epochs'"),
+    (("adapter={method: prompt_tuning, num_virtual_tokens: 4}",), "not supported"),
+])
+def test_recipe_errors_are_clear(tmp_path, overrides, message):
+    def build():
+        recipe = load_recipe(DEMO_PPO, [*FROM_BASE, f"train.output_dir={tmp_path / 'run'}", *overrides])
+        from alignkit.stages.ppo import build_trainer
+
+        (tmp_path / "run").mkdir(exist_ok=True)
+        build_trainer(recipe, RunDir(path=tmp_path / "run"))
+
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(")):
+        build()
