@@ -29,6 +29,17 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subproce
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_ok(*args: str) -> None:
+    """Run the CLI and fail the test with the end of its stderr unless it exits 0."""
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def metrics_of(run_dir: Path) -> dict:
+    """A finished run's metrics.json."""
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
 def user(text: str) -> dict[str, str]:
     return {"role": "user", "content": text}
 

@@ -8,12 +8,11 @@ over its base, judged by the RM: 1.0.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import metrics_of, run_cli, run_ok
 
 from alignkit import modeling, training
 from alignkit.data import load_preference_data
@@ -24,15 +23,6 @@ from alignkit.recipe import load_recipe
 from alignkit.stages.dpo import LOSS_TYPES
 
 NO_CHECKPOINTS = ("train.save_strategy=no", "train.eval_strategy=no")
-
-
-def metrics_of(run_dir) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
-def run_ok(*args: str) -> None:
-    result = run_cli(*args)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import run_cli
+from conftest import metrics_of, run_cli, run_ok
 
 from alignkit import modeling, training
 from alignkit.data import load_prompt_data
@@ -24,20 +24,11 @@ NO_CHECKPOINTS = ("train.save_strategy=no",)
 RL_STAGES = ("grpo", "rloo")
 
 
-def metrics_of(run_dir) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
-def run_ok(*args: str) -> None:
-    result = run_cli(*args)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 @pytest.fixture(scope="module")
 def warm_run(tmp_path_factory):
     """A partly trained reversal policy: the sft-warmup recipe stopped at 60 steps (~20 s on 2 cores).
 
-    Observed: greedy reward 0.558 on the held-out prompts (exact match 0.21). The recipe's own 120 steps give
+    Observed: greedy reward 0.558 on the held-out prompts (exact match 0.21). A 120-step warm-up gives
     0.864 (exact match 0.67), and from there 100 GRPO or RLOO steps leave the greedy reward within +-0.015
     (the sampled answers' reward rises, the greedy ones are already that policy's best): too little headroom
     to show in a test that the reward moves.
