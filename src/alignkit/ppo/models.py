@@ -172,7 +172,8 @@ def build_actor_critic(recipe: Recipe, args, reward_functions) -> tuple[ActorCri
                          critic_model=critic_model, critic_adapter=critic_adapter, value_head=value_head,
                          trainable=trainable)
     _freeze_all_but(models)
-    models._set_adapter(POLICY) if uses_adapter else None
+    if uses_adapter:
+        models._set_adapter(POLICY)
     logger.info("ppo: policy %s, reference %s, critic %s", "adapter" if uses_adapter else "full model",
                 "frozen run adapter" if reference_adapter else "adapter disabled" if uses_adapter else "frozen copy",
                 f"adapter '{critic_adapter}' on the shared base" if critic_adapter else

@@ -25,15 +25,14 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from alignkit.ppo import core
 from alignkit.ppo.config import PPOConfig
-from alignkit.ppo.models import ActorCritic
-from alignkit.runs import RunDir, last_checkpoint
+from alignkit.ppo.models import POLICY, ActorCritic
+from alignkit.runs import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +220,7 @@ class PPOTrainer:
         rows = self.eval_prompts
         prompts = list(rows["prompt"])
         columns = {key: list(rows[key]) for key in rows.column_names if key != "prompt"}
-        with self.models._adapter("default"):
+        with self.models._adapter(POLICY):
             completions = generate(self.models.policy, self.tokenizer, prompts, self.eval_generation)
         rewards, _ = self.reward(prompts, completions, columns)
         return sum(rewards) / len(rewards)
@@ -229,8 +228,8 @@ class PPOTrainer:
     def _finish(self) -> dict[str, Any]:
         from alignkit.plots import write_line_plot
 
-        self.models.save_policy(self.run.path) if self.state.is_main_process else None
         if self.state.is_main_process:
+            self.models.save_policy(self.run.path)
             self.tokenizer.save_pretrained(str(self.run.path))
             updates = [entry["update"] for entry in self.history]
             write_line_plot(self.run.path / "ppo_reward.svg", "PPO: mean reward per update", updates,
@@ -441,7 +440,7 @@ class PPOTrainer:
         from safetensors.torch import load_file
 
         path = self.run.resume_from
-        assert path is not None and last_checkpoint(path.parent) is not None
+        assert path is not None
         self.models.load_trainable_state(load_file(str(path / WEIGHTS_FILE)))
         saved = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -460,7 +459,3 @@ def _is_quantized(model) -> bool:
 
     return is_quantized(model) or is_quantized(getattr(model, "get_base_model", lambda: model)())
 
-
-def checkpoint_state(path: Path) -> dict[str, Any]:
-    """The trainer state saved in a checkpoint (update number, KL coefficient, history)."""
-    return json.loads((path / STATE_FILE).read_text())

@@ -18,10 +18,11 @@ from alignkit.data import load_prompt_data
 from alignkit.ppo.config import PPOConfig
 from alignkit.ppo.models import build_actor_critic
 from alignkit.ppo.trainer import PPOTrainer
-from alignkit.recipe import GenerationSettings, Recipe
+from alignkit.recipe import Recipe
 from alignkit.rewards import RewardSettings, load_reward_functions, weighted_reward
 from alignkit.runs import RunDir
 from alignkit.stages import Stage
+from alignkit.stages.rl_common import eval_generation, held_out_prompts
 
 
 def run(recipe: Recipe, run_dir: RunDir) -> dict:
@@ -41,22 +42,9 @@ def build_trainer(recipe: Recipe, run_dir: RunDir) -> PPOTrainer:
         return weighted_reward(functions, settings.weights, prompts, completions, columns)
 
     models, tokenizer = build_actor_critic(recipe, args, functions)
-    return PPOTrainer(models, tokenizer, args, reward, data.train, run_dir, eval_prompts=_held_out(data.eval, recipe),
-                      eval_generation=_eval_generation(recipe, args))
-
-
-def _held_out(dataset, recipe: Recipe):
-    if dataset is None:
-        return None
-    limit = recipe.evaluate.max_samples if recipe.evaluate else 200
-    return dataset.select(range(min(len(dataset), limit or len(dataset))))
-
-
-def _eval_generation(recipe: Recipe, args: PPOConfig) -> GenerationSettings:
-    if recipe.evaluate is not None:
-        return recipe.evaluate.generation
-    return GenerationSettings(max_new_tokens=args.response_length, do_sample=False,
-                              batch_size=args.local_rollout_forward_batch_size)
+    return PPOTrainer(models, tokenizer, args, reward, data.train, run_dir,
+                      eval_prompts=held_out_prompts(data.eval, recipe),
+                      eval_generation=eval_generation(recipe, args.response_length))
 
 
 STAGE = Stage(name="ppo", help="PPO with a critic (alignkit's trainer): reward models and rule rewards",

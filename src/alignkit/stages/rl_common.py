@@ -94,11 +94,12 @@ def held_out_prompts(dataset, recipe: Recipe):
     return dataset.select(range(min(len(dataset), limit or len(dataset))))
 
 
-def eval_generation(recipe: Recipe, args) -> GenerationSettings:
-    """How the held-out answers are generated: ``evaluate.generation``, else greedy as long as training answers."""
+def eval_generation(recipe: Recipe, max_new_tokens: int) -> GenerationSettings:
+    """How the held-out answers are generated: ``evaluate.generation``, else greedy up to ``max_new_tokens``
+    (the length of the training answers)."""
     if recipe.evaluate is not None:
         return recipe.evaluate.generation
-    return GenerationSettings(max_new_tokens=args.max_completion_length, do_sample=False)
+    return GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False)
 
 
 def held_out_reward(model, tokenizer, dataset, args, *, recipe: Recipe, functions: list[RewardFunction],
@@ -110,7 +111,7 @@ def held_out_reward(model, tokenizer, dataset, args, *, recipe: Recipe, function
     if rows is None or len(rows) == 0:
         return None
     prompts = list(rows["prompt"])
-    completions = generate(model, tokenizer, prompts, eval_generation(recipe, args))
+    completions = generate(model, tokenizer, prompts, eval_generation(recipe, args.max_completion_length))
     columns = {name: list(rows[name]) for name in rows.column_names if name != "prompt"}
     rewards, _ = weighted_reward(functions, weights, prompts, completions, columns)
     return sum(rewards) / len(rewards)
