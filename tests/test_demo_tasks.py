@@ -187,3 +187,13 @@ def test_translate_recipe_beats_the_base_by_a_wide_margin(tmp_path):
     assert metrics["eval/bleu"] >= 80 and metrics["compare/bleu"] <= 10, metrics
     assert metrics["eval/chrf"] >= metrics["compare/chrf"] + 50, metrics
     assert metrics["eval/exact_match"] >= 0.8, metrics
+
+
+@pytest.mark.parametrize("split", DEMO_SPLITS)
+def test_noisy_reversal_answers_one_in_three_right_and_echoes_the_rest(split, rows):
+    clean, noisy = rows["reverse/sft", split], rows["reverse/sft-noisy", split]
+    assert [row["messages"][0] for row in noisy] == [row["messages"][0] for row in clean]
+    right = [n["messages"][1] == c["messages"][1] for n, c in zip(noisy, clean)]
+    echoed = [n["messages"][1]["content"] == task_input("reverse/sft", n).removeprefix("reverse: ") for n in noisy]
+    assert all(r != e for r, e in zip(right, echoed))  # every answer is one or the other, never both
+    assert abs(sum(right) / len(right) - 1 / 3) < 0.01

@@ -24,6 +24,7 @@ STAGES: dict[str, str] = {
     "ppo": "alignkit.stages.ppo",
     "grpo": "alignkit.stages.grpo",
     "rloo": "alignkit.stages.rloo",
+    "rest": "alignkit.stages.rest",
 }
 
 

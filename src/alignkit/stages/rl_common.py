@@ -15,7 +15,7 @@ answers again -> run dir with the policy adapter (or model), ``<stage>_reward.sv
 
 The reference model of the KL term (``train.beta``: GRPO's default 0.0 keeps none, RLOO's is 0.05):
 with a fresh adapter it is the base with the adapter disabled; starting from a run dir's adapter
-(``model.name_or_path: runs/demo-sft-warmup``, ``run_adapter: continue``) TRL adds a frozen copy of that
+(``model.name_or_path: runs/demo-sft-noisy``, ``run_adapter: continue``) TRL adds a frozen copy of that
 adapter, named ``ref``, so the reference is the starting policy, not the bare base. RLOO adds the copy even
 with beta 0; the copy is saved with the policy, in the run dir's ``ref/`` (inference and later stages load
 the run dir's own adapter, the trained one). For a full fine-tune TRL loads the model a second time.

@@ -1,0 +1,223 @@
+"""ReST (Gulcehre et al. 2023): grow a dataset by sampling the policy, improve it by fine-tuning on the
+best samples, with a bar that rises at every improve step. Best-of-N rejection sampling (RAFT) is the same
+loop with ``rest.filter: best_of_n``. Neither TRL nor the other toolkits ship it; the fine-tuning is TRL's SFT.
+
+recipe -> prompts (``data``, prompt-only formats) -> reward sources (``reward``) -> for each grow step:
+sample ``samples_per_prompt`` answers per prompt with the current policy and score them -> for each improve
+step: keep the samples that pass the step's bar, SFT the policy on them (``train``: TRL's SFTConfig, per
+improve step), measure the held-out reward -> run dir with the final policy, ``rest_log.jsonl``,
+``rest_reward.svg`` and ``metrics.json``.
+
+Run dir layout: ``grow-<g>/samples.jsonl`` (every sample and its reward), ``improve-<k>/`` (the k-th
+improve step's SFT run: ``kept.jsonl``, its checkpoints, the policy after it) and ``checkpoint-<k>/`` (the
+loop's state after improve step k, written last). An interrupted run resumes after its last complete
+improve step, and inside an improve step from the SFT trainer's last checkpoint.
+
+metrics.json: ``rest/eval_reward_start`` and ``rest/eval_reward_end`` (greedy answers to the held-out
+prompts, before and after), ``rest/sample_reward_start`` and ``_end`` (mean reward of the first and last
+grow steps' samples), ``rest/kept_fraction_end``; every improve step's figures are in ``rest_log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+from trl import SFTConfig, SFTTrainer
+
+from alignkit import modeling, training
+from alignkit.data import load_prompt_data, load_sft_data
+from alignkit.errors import RecipeError
+from alignkit.generation import generate
+from alignkit.recipe import DataSettings, DataSource, Recipe
+from alignkit.rest import RestSettings, Sample, keep_samples
+from alignkit.rewards import RewardSettings, load_reward_functions, weighted_reward
+from alignkit.runs import RunDir, last_checkpoint
+from alignkit.stages import Stage
+from alignkit.stages.rl_common import eval_generation, held_out_prompts
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE, LOG_FILE, SAMPLES_FILE, KEPT_FILE = "trainer_state.json", "rest_log.jsonl", "samples.jsonl", "kept.jsonl"
+
+
+def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
+    settings: RestSettings = recipe.sections["rest"]
+    reward_settings: RewardSettings = recipe.sections["reward"]
+    functions = load_reward_functions(reward_settings)  # a bad import path fails before anything loads
+    data = load_prompt_data(recipe.data)
+    training.record_data(run_dir, data)
+    held_out = held_out_prompts(data.eval, recipe)
+
+    def reward(prompts: list, completions: list[str], columns: dict[str, list]) -> list[float]:
+        return weighted_reward(functions, reward_settings.weights, prompts, completions, columns)[0]
+
+    def held_out_reward(model, tokenizer) -> float | None:
+        if held_out is None or len(held_out) == 0:
+            return None
+        prompts = list(held_out["prompt"])
+        completions = generate(model, tokenizer, prompts, eval_generation(recipe, settings.generation.max_new_tokens))
+        return _mean(reward(prompts, completions, _columns(held_out)))
+
+    state = _load_state(run_dir)
+    if state is None:
+        model, tokenizer = modeling.load_for_inference(recipe.model)
+        state = {"completed": 0, "policy": None, "eval_reward_start": held_out_reward(model, tokenizer), "history": []}
+        del model
+    step = state["completed"]
+    for grow in range(1, settings.grow_steps + 1):
+        if grow * settings.improve_steps <= step:
+            continue  # this grow step and all its improve steps were done before an interruption
+        samples = _grow(recipe, settings, run_dir, grow, state["policy"], data.train, reward)
+        for improve in range(1, settings.improve_steps + 1):
+            if step >= (grow - 1) * settings.improve_steps + improve:
+                continue
+            step += 1
+            entry, policy = _improve(recipe, settings, run_dir, step, grow, improve, samples, state["policy"],
+                                     held_out_reward)
+            state = {**state, "completed": step, "policy": policy, "history": [*state["history"], entry]}
+            _save_state(run_dir, step, state)
+    return _finish(recipe, run_dir, state)
+
+
+# ---- grow: sample and score ---------------------------------------------------------------------------------
+
+def _grow(recipe: Recipe, settings: RestSettings, run_dir: RunDir, grow: int, policy: str | None, prompts_data,
+          reward) -> list[Sample]:
+    """This grow step's samples: read back if an interrupted run already wrote them, else sampled and scored."""
+    path = run_dir.path / f"grow-{grow}" / SAMPLES_FILE
+    if path.is_file():
+        return [Sample(**json.loads(line)) for line in path.read_text().splitlines()]
+    count = len(prompts_data)
+    chosen = list(range(count))
+    if settings.prompts_per_grow is not None and settings.prompts_per_grow < count:
+        chosen = sorted(random.Random(f"{recipe.data.seed}-grow-{grow}").sample(chosen, settings.prompts_per_grow))
+    rows = prompts_data.select(chosen)
+    repeats = settings.samples_per_prompt
+    prompts = [prompt for prompt in rows["prompt"] for _ in range(repeats)]
+    columns = {name: [value for value in values for _ in range(repeats)] for name, values in _columns(rows).items()}
+    model, tokenizer = modeling.load_for_inference(_policy_settings(recipe, policy))
+    sampling = dataclasses.replace(settings.generation, seed=settings.generation.seed + grow)
+    completions = generate(model, tokenizer, prompts, sampling)
+    del model
+    rewards = reward(prompts, completions, columns)
+    samples = [Sample(prompt_index=index // repeats, prompt=prompt, completion=completion, reward=float(value))
+               for index, (prompt, completion, value) in enumerate(zip(prompts, completions, rewards))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")  # renamed when complete: a killed run never reads half a file
+    partial.write_text("".join(json.dumps(dataclasses.asdict(s)) + "\n" for s in samples))
+    partial.rename(path)
+    logger.info("rest grow %d: %d samples of %d prompts, mean reward %.3f", grow, len(samples), len(rows),
+                _mean([s.reward for s in samples]))
+    return samples
+
+
+# ---- improve: filter and fine-tune --------------------------------------------------------------------------
+
+def _improve(recipe: Recipe, settings: RestSettings, run_dir: RunDir, step: int, grow: int, improve: int,
+             samples: list[Sample], policy: str | None, held_out_reward) -> tuple[dict[str, Any], str | None]:
+    """Fine-tune the policy on the samples that pass improve step ``improve``'s bar; (log entry, new policy)."""
+    kept = keep_samples(samples, settings, improve)
+    entry: dict[str, Any] = {
+        "step": step, "grow": grow, "improve": improve, "filter": settings.filter, "bar": settings.bar(improve),
+        "samples": len(samples), "sample_reward": _mean([s.reward for s in samples]), "kept": len(kept),
+        "kept_fraction": len(kept) / len(samples) if samples else 0.0,
+        "kept_reward": _mean([s.reward for s in kept]) if kept else None,
+    }
+    if not kept:
+        # Nothing reached the bar: the policy stays as it is rather than being trained on nothing.
+        logger.warning("rest improve step %d: no sample reached the bar (%s %s); the policy is unchanged", step,
+                       settings.filter, entry["bar"])
+        return entry | {"eval_reward": None, "trained": False}, policy
+    out = run_dir.path / f"improve-{step}"
+    out.mkdir(parents=True, exist_ok=True)
+    kept_path = out / KEPT_FILE
+    kept_path.write_text("".join(json.dumps({"messages": [*s.prompt, {"role": "assistant", "content": s.completion}]})
+                                 + "\n" for s in kept))
+    step_recipe = dataclasses.replace(
+        recipe, model=_policy_settings(recipe, policy),
+        data=DataSettings(train=[DataSource(path=str(kept_path), format="messages")], seed=recipe.data.seed),
+        # The stage measures the held-out reward itself; the SFT trainer has no held-out set to evaluate.
+        train={**recipe.train, "output_dir": str(out), "eval_strategy": "no"})
+    fitted = training.fit(step_recipe, RunDir(path=out, resume_from=last_checkpoint(out)), config_class=SFTConfig,
+                          trainer_class=SFTTrainer, load_data=load_sft_data)
+    score = held_out_reward(fitted.trainer.model, fitted.tokenizer)
+    entry |= {"eval_reward": score, "trained": True, "train_loss": fitted.metrics.get("train/loss"),
+              "train_steps": fitted.metrics.get("train/global_step")}
+    logger.info("rest improve step %d (grow %d, improve %d): kept %d of %d (%.0f%%), held-out reward %s", step, grow,
+                improve, len(kept), len(samples), 100 * entry["kept_fraction"],
+                "n/a" if score is None else f"{score:.3f}")
+    return entry, str(out)
+
+
+def _policy_settings(recipe: Recipe, policy: str | None):
+    """The model settings of the current policy: the recipe's start, or the latest improve step's run dir
+    (its adapter trained further, on the recipe's base, dtype and quantisation)."""
+    if policy is None:
+        return recipe.model
+    return dataclasses.replace(recipe.model, name_or_path=policy, run_adapter="continue")
+
+
+# ---- state, resume and results ------------------------------------------------------------------------------
+
+def _save_state(run_dir: RunDir, step: int, state: dict[str, Any]) -> None:
+    path = run_dir.path / f"checkpoint-{step}"
+    path.mkdir(parents=True, exist_ok=True)
+    with (run_dir.path / LOG_FILE).open("a") as log:
+        log.write(json.dumps(state["history"][-1]) + "\n")
+    (path / STATE_FILE).write_text(json.dumps(state, indent=1))  # last: marks the checkpoint complete
+
+
+def _load_state(run_dir: RunDir) -> dict[str, Any] | None:
+    if run_dir.resume_from is None:
+        return None
+    state = json.loads((run_dir.resume_from / STATE_FILE).read_text())
+    logger.info("rest: resuming after improve step %d", state["completed"])
+    # The log keeps exactly the steps the resumed run stands on.
+    (run_dir.path / LOG_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in state["history"]))
+    return state
+
+
+def _finish(recipe: Recipe, run_dir: RunDir, state: dict[str, Any]) -> dict[str, Any]:
+    from alignkit.plots import write_line_plot
+
+    history = state["history"]
+    if state["policy"] is None:
+        raise RecipeError("rest: no improve step kept any sample, so nothing was trained; lower rest.thresholds "
+                          "(or rest.min_reward) or sample more (rest.samples_per_prompt)")
+    final = Path(state["policy"])
+    for item in final.iterdir():  # the last improve step's policy is the run's model
+        if item.is_file() and item.name not in (KEPT_FILE, "data.json", "metrics.json"):
+            (run_dir.path / item.name).write_bytes(item.read_bytes())
+    evaluated = [e for e in history if e.get("eval_reward") is not None]
+    steps = [0, *(e["step"] for e in evaluated)]
+    if state["eval_reward_start"] is not None and evaluated:
+        write_line_plot(run_dir.path / "rest_reward.svg", "ReST: held-out reward after each improve step", steps,
+                        {"held-out reward": [state["eval_reward_start"], *(e["eval_reward"] for e in evaluated)]})
+    metrics: dict[str, Any] = {
+        "rest/improve_steps": len(history),
+        "rest/sample_reward_start": history[0]["sample_reward"],
+        "rest/sample_reward_end": history[-1]["sample_reward"],
+        "rest/kept_fraction_end": history[-1]["kept_fraction"],
+    }
+    if state["eval_reward_start"] is not None and evaluated:
+        metrics["rest/eval_reward_start"] = state["eval_reward_start"]
+        metrics["rest/eval_reward_end"] = evaluated[-1]["eval_reward"]
+    return metrics
+
+
+def _columns(rows) -> dict[str, list]:
+    return {name: list(rows[name]) for name in rows.column_names if name != "prompt"}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+STAGE = Stage(name="rest", help="ReST / best-of-N: sample, keep the best answers, fine-tune (TRL SFTTrainer)",
+              train_config=lambda: SFTConfig, run=run, sections={"reward": RewardSettings, "rest": RestSettings},
+              required_sections=("reward", "rest"))
