@@ -63,11 +63,11 @@ def test_empty_answers_and_repeats_are_not_kept_twice_or_at_all():
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["rest.thresholds=[0.5, 0.9]"], "thresholds has 2 values for improve_steps=1"),
+    (["rest.thresholds=[0.5, 0.9]"], "thresholds has 2 values for improve_steps=3"),
     (["rest.improve_steps=2", "rest.thresholds=[0.9, 0.5]"], "thresholds must not decrease"),
     (["rest.thresholds=null"], "filter threshold needs thresholds"),
     (["rest.filter=percentile"], "filter percentile needs percentiles"),
-    (["rest.filter=percentile", "rest.percentiles=[150]"], "percentiles must lie in [0, 100]"),
+    (["rest.filter=percentile", "rest.percentiles=[50, 90, 150]"], "percentiles must lie in [0, 100]"),
     (["rest.generation.do_sample=false"], "generation.do_sample must be true"),
     (["rest.samples_per_prompt=0"], "samples_per_prompt must be >= 1"),
     (["rest.grow_step=2"], "Did you mean 'grow_steps'?"),

@@ -177,7 +177,7 @@ class PPOTrainer:
                 micro_stats = [self._backward(rollout, micro.to(self.device), len(minibatch))
                                for micro in minibatch.split(args.per_device_train_batch_size)]
                 self._average_gradients()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, args.max_grad_norm)
+                grad_norm = self._clip_gradients()
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -369,6 +369,12 @@ class PPOTrainer:
                 parameter.grad = torch.zeros_like(parameter)
             dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
             parameter.grad /= self.world_size
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip the gradient norm to ``max_grad_norm`` (0 or None: no clipping, as in transformers' Trainer);
+        returns the norm before clipping either way, for the log."""
+        limit = self.args.max_grad_norm
+        return torch.nn.utils.clip_grad_norm_(self.parameters, limit if limit and limit > 0 else float("inf"))
 
     def _mean_across_processes(self, stats: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1:
