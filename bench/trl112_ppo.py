@@ -4,7 +4,9 @@ Run it with the interpreter of ``bench/.venv-trl112`` (made by ``bench/setup_trl
 removed ``PPOTrainer``, and alignkit's own venv has a newer TRL. The script imports nothing from alignkit.
 
     bench/.venv-trl112/bin/python bench/trl112_ppo.py --policy DIR --reward-model DIR \
-        --prompts prompts.jsonl --out trl112.json --updates 20
+        --prompts prompts.jsonl --out trl112.json --updates 20 [--save-dir DIR]
+
+``bench/ppo_vs_trl112.py`` runs this script as the TRL side of the whole comparison.
 
 Setup, as in TRL's own PPO example: the value model is a second copy of the reward model, the reference
 model a second copy of the policy; full fine-tuning in float32; prompts are tokenized with the chat
@@ -71,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--out", type=Path, required=True, help="JSON report to write")
     io.add_argument("--updates", type=int, required=True, help="number of PPO updates (rollout batches) to train")
     io.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads (default: all)")
+    io.add_argument("--save-dir", type=Path, default=None,
+                    help="also save the trained policy (model + tokenizer) here, after the timed training")
 
     hp = parser.add_argument_group("PPO hyperparameters (TRL 1.12 PPOConfig names)")
     # 32 rather than 16: in TRL 1.12 the rollout batch is per_device * grad_accum (num_mini_batches splits it),
@@ -248,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
         seconds_total = time.perf_counter() - start
 
+    if args.save_dir is not None:
+        # The trained policy as a plain causal-LM dir (outside the timed part), for held-out evaluation.
+        trained_policy = trainer.accelerator.unwrap_model(trainer.model).policy
+        trained_policy.save_pretrained(args.save_dir)
+        tokenizer.save_pretrained(args.save_dir)
+
     scores = [log[SCORES_KEY] for log in recorder.logs]
     kls = [log[KL_KEY] for log in recorder.logs]
     updates = trainer.state.global_step
@@ -257,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch_version": torch.__version__,
         "device": str(trainer.accelerator.device),
         "threads": torch.get_num_threads(),
+        "saved_policy": str(args.save_dir) if args.save_dir is not None else None,
         "seconds_total": seconds_total,
         "updates": updates,
         "seconds_per_update": seconds_total / updates if updates else None,
