@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,21 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subproce
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "alignkit", *args], cwd=cwd or REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def kill_when_written(args: list[str], marker: Path, log: Path, timeout: float = 300) -> None:
+    """Run the CLI until ``marker`` exists, then SIGKILL it: a run interrupted as a preemption leaves it.
+    Fails the test if the run exits first or writes nothing within ``timeout`` seconds."""
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "alignkit", *args], cwd=REPO, stdout=out, stderr=out,
+                                   env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        deadline = time.time() + timeout
+        while not marker.exists():
+            assert process.poll() is None, log.read_text()[-2000:]
+            assert time.time() < deadline, f"no {marker.name} within {timeout:.0f} s"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
 
 
 def run_ok(*args: str) -> None:

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, kill_when_written, run_cli
 
 from alignkit.errors import RecipeError
 from alignkit.recipe import load_recipe
@@ -91,17 +89,7 @@ def test_killed_ppo_run_resumes_from_its_last_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     args = ["ppo", DEMO_PPO, *FROM_BASE, *QUICK, f"train.output_dir={run_dir}", "train.max_steps=6",
             "train.save_steps=2", "evaluate.max_samples=4"]
-    log = tmp_path / "first.log"
-    with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "alignkit", *args], cwd=REPO, stdout=out, stderr=out,
-                                   env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        deadline = time.time() + 300
-        while not (run_dir / "checkpoint-2" / "trainer_state.json").exists():
-            assert process.poll() is None, log.read_text()[-2000:]
-            assert time.time() < deadline, "no checkpoint within 5 minutes"
-            time.sleep(0.1)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    kill_when_written(args, run_dir / "checkpoint-2" / "trainer_state.json", tmp_path / "first.log")
     assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
 
     resumed = run_cli(*args)

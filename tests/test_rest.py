@@ -4,14 +4,9 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
-from conftest import REPO, metrics_of, run_cli
+from conftest import REPO, kill_when_written, metrics_of, run_cli
 
 from alignkit.errors import RecipeError
 from alignkit.recipe import load_recipe
@@ -110,17 +105,7 @@ def test_killed_rest_run_resumes_after_its_last_improve_step(noisy_sft_run, tmp_
     args = ["rest", DEMO_REST, f"model.name_or_path={noisy_sft_run}", f"train.output_dir={run_dir}",
             "rest.grow_steps=3", "rest.improve_steps=1", "rest.thresholds=[0.0]", "rest.prompts_per_grow=32",
             "train.max_steps=4", "train.save_strategy=no", "evaluate.max_samples=8"]
-    log_file = tmp_path / "first.log"
-    with log_file.open("w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "alignkit", *args], cwd=REPO, stdout=out, stderr=out,
-                                   env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        deadline = time.time() + 300
-        while not (run_dir / "checkpoint-1" / "trainer_state.json").exists():
-            assert process.poll() is None, log_file.read_text()[-2000:]
-            assert time.time() < deadline, "no checkpoint within 5 minutes"
-            time.sleep(0.1)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    kill_when_written(args, run_dir / "checkpoint-1" / "trainer_state.json", tmp_path / "first.log")
     first_samples = (run_dir / "grow-1" / "samples.jsonl").read_text()
 
     resumed = run_cli(*args)
