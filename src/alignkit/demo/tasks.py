@@ -235,41 +235,6 @@ def reverse_prompts(split: str) -> list[dict]:
     return [{"prompt": _reverse_prompt(phrase)} for phrase in _unique_draws(split, _random_phrase)]
 
 
-# The demo judge (issue 6): a tiny model fine-tuned to answer "which answer reverses the words, 1 or 2?", so
-# the RLAIF demo can label pairs with an LLM judge on a CPU. Its questions are built by the same code the
-# LLMJudge asks with (alignkit.feedback.template), so it is trained on exactly what it is later asked; only
-# the constitution is the demo's own, and a recipe using the judge must give the same text.
-DEMO_JUDGE_CONSTITUTION = "The right answer has the words of the prompt in reverse order."
-
-
-def reverse_judge_pairs(split: str) -> list[dict]:
-    """Pairs for the demo judge: a reversal prompt, its right answer, a corrupted one (``kind``) and the order
-    they are shown in (``right_first``). The phrases are reverse/sft's, so the held-out pairs' prompts are
-    unseen in training here and in the RL demos. Every corruption kind is shown first as often as second."""
-    rng = random.Random(f"reverse-judge-{split}")
-    pairs = []
-    for index, phrase in enumerate(_unique_draws(split, _random_phrase)):
-        kind = CORRUPTIONS[index % len(CORRUPTIONS)]
-        pairs.append({"prompt": _reverse_prompt(phrase), "right": " ".join(reversed(phrase)),
-                      "wrong": " ".join(corrupt_reversal(phrase, kind, rng)), "kind": kind,
-                      "right_first": index // len(CORRUPTIONS) % 2 == 0})
-    return pairs
-
-
-def reverse_judge(split: str) -> list[dict]:
-    """SFT rows for the demo judge: the LLM judge's question about a :func:`reverse_judge_pairs` pair (with
-    :data:`DEMO_JUDGE_CONSTITUTION`, options "1" and "2") and, as the answer, the right answer's label."""
-    from alignkit.feedback.template import judge_question  # lazy: keeps the demo builder free of judge code
-
-    rows = []
-    for pair in reverse_judge_pairs(split):
-        shown = (pair["right"], pair["wrong"]) if pair["right_first"] else (pair["wrong"], pair["right"])
-        question = judge_question(pair["prompt"], *shown, constitution=DEMO_JUDGE_CONSTITUTION, options=("1", "2"))
-        rows.append({"messages": [{"role": "user", "content": question},
-                                  {"role": "assistant", "content": "1" if pair["right_first"] else "2"}]})
-    return rows
-
-
 # name -> generator(split) -> rows. Rows are in one of the formats the data layer normalises.
 DEMO_DATASETS: dict[str, Callable[[str], list[dict]]] = {
     "reverse/sft": reverse_sft,
@@ -280,7 +245,6 @@ DEMO_DATASETS: dict[str, Callable[[str], list[dict]]] = {
     "reverse/unpaired": reverse_unpaired,
     "reverse/rated": reverse_rated,
     "reverse/prompts": reverse_prompts,
-    "reverse/judge": reverse_judge,
 }
 
 DEMO_SPLITS: tuple[str, ...] = tuple(_SPLIT_SIZES)
