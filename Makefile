@@ -5,7 +5,7 @@ ALIGNKIT = $(VENV)/bin/alignkit
 RECIPE ?=
 ARGS ?=
 
-STAGES = sft eval rm dpo kto orpo ppo grpo rloo rest
+STAGES = sft eval rm dpo kto orpo ppo grpo rloo rest rlaif
 
 .PHONY: setup demo validate score test lint clean $(STAGES)
 

@@ -9,6 +9,7 @@ over its base, judged by the RM: 1.0.
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -54,8 +55,11 @@ def test_reward_model_ranks_held_out_pairs(rm_run):
     assert accuracy == pytest.approx(metrics["rm/accuracy"], abs=1.01 / len(chosen))  # a near-tie may flip
 
     judge = RewardModelJudge(scorer)
-    rates = win_rates(judge.compare(pairs["prompt"], [c[0]["content"] for c in pairs["chosen"]],
-                                    [r[0]["content"] for r in pairs["rejected"]]))
+    preferences = judge.compare(pairs["prompt"], [c[0]["content"] for c in pairs["chosen"]],
+                                [r[0]["content"] for r in pairs["rejected"]])
+    # Bradley-Terry probabilities of the same rewards: sigmoid(r_chosen - r_rejected).
+    assert preferences == pytest.approx([1 / (1 + math.exp(r - c)) for c, r in zip(chosen, rejected)])
+    rates = win_rates(preferences)
     assert rates["win_rate"] == pytest.approx(accuracy) and sum(rates.values()) == pytest.approx(1.0)
 
 
@@ -69,8 +73,10 @@ def test_win_rate_of_the_fine_tune_over_its_base(sft_run, rm_run, tmp_path):
 
 
 def test_win_rates_count_ties_within_the_margin():
-    assert win_rates([2.0, -1.0, 0.05, 0.0], tie_margin=0.1) == {"win_rate": 0.25, "tie_rate": 0.5,
-                                                                   "loss_rate": 0.25}
+    # Preference probabilities: within 0.5 +- tie_margin is a tie.
+    assert win_rates([0.9, 0.2, 0.55, 0.5], tie_margin=0.1) == {"win_rate": 0.25, "tie_rate": 0.5,
+                                                                  "loss_rate": 0.25}
+    assert win_rates([0.9, 0.2, 0.55, 0.5]) == {"win_rate": 0.5, "tie_rate": 0.25, "loss_rate": 0.25}
     with pytest.raises(ValueError, match="no comparisons"):
         win_rates([])
 

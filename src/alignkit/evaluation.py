@@ -86,18 +86,23 @@ def evaluate_and_report(model, tokenizer, dataset, settings: EvaluateSettings, r
     if settings.judge:
         judged = judge_win_rates(settings, results)
         metrics |= {f"eval/{k}": v for k, v in judged.items()}
-    (run_dir / "report.md").write_text(render_report(results, settings.report_samples, judged, settings.judge))
+    judge_label = settings.judge.label if settings.judge else None
+    (run_dir / "report.md").write_text(render_report(results, settings.report_samples, judged, judge_label))
     return metrics
 
 
 def judge_win_rates(settings: EvaluateSettings, results: list[Evaluation]) -> dict[str, float]:
-    """Win / tie / loss rates of the model's answers, judged by ``settings.judge`` (a reward model) against the
-    comparison model's answers when there is one, else against the references."""
-    from alignkit.feedback import RewardModel, RewardModelJudge, win_rates
+    """Win / tie / loss rates of the model's answers, judged by ``settings.judge`` against the comparison
+    model's answers when there is one, else against the references; ``judge_skipped`` when the judge had to
+    skip pairs (counted as ties)."""
+    from alignkit.feedback import load_judge, win_rates
 
-    judge = RewardModelJudge(RewardModel.load(settings.judge))
+    judge = load_judge(settings.judge)
     opponent = results[1].predictions if len(results) > 1 else results[0].references
-    return win_rates(judge.compare(results[0].prompts, results[0].predictions, opponent), settings.tie_margin)
+    rates = win_rates(judge.compare(results[0].prompts, results[0].predictions, opponent), settings.tie_margin)
+    stats = getattr(judge, "stats", None)  # alignkit's judges count what they skip; a Judge need not
+    skipped = stats.summary()["skipped"] if stats is not None else 0
+    return rates | ({"judge_skipped": skipped} if skipped else {})
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ import yaml
 
 from alignkit import schema
 from alignkit.errors import RecipeError
+from alignkit.feedback.settings import JudgeSettings
 from alignkit.schema import Raw
 
 # --------------------------------------------------------------------------------------------------
@@ -198,14 +199,17 @@ class EvaluateSettings:
                   "(the model before training), a hub id, a local dir or a run dir."},
     )
     report_samples: int = field(default=5, metadata={"help": "Sample prompts shown in report.md."})
-    judge: str | None = field(
+    judge: JudgeSettings | None = field(
         default=None,
-        metadata={"help": "A reward model (an rm run dir, a local dir or hub id) that judges the model's answers "
-                  "against the comparison model's (with `compare`) or else the references: eval/win_rate, "
-                  "eval/tie_rate, eval/loss_rate."},
+        metadata={"help": "A judge of the model's answers against the comparison model's (with `compare`) or else "
+                  "the references: eval/win_rate, eval/tie_rate, eval/loss_rate. A path or hub id is a reward model "
+                  "(an rm run dir); a mapping is any judge: {kind: llm | reward_model | rule, model | function, ...} "
+                  "(see alignkit.feedback.JudgeSettings)."},
     )
     tie_margin: float = field(
-        default=0.0, metadata={"help": "Reward differences within +-tie_margin count as ties in the win rate."}
+        default=0.0,
+        metadata={"help": "Judge preferences within 0.5 +- tie_margin (probabilities that the model's answer is "
+                  "better) count as ties in the win rate."},
     )
 
     def __post_init__(self) -> None:
@@ -353,7 +357,7 @@ def _validate(raw: Mapping[str, Any], source: Path | None, adapters, stages) -> 
         if not getattr(data, group):
             raise RecipeError(f"the {stage.name} stage needs data.{group}: at least one source")
 
-    train = schema.check_dict(stage.train_config(), raw.get("train") or {}, "train")
+    train = schema.check_dict(stage.config_class(raw), raw.get("train") or {}, "train")
     if stage.check_train is not None:
         stage.check_train(train)
     train.setdefault("output_dir", str(Path("runs") / (source.stem if source else stage.name)))

@@ -25,6 +25,7 @@ STAGES: dict[str, str] = {
     "grpo": "alignkit.stages.grpo",
     "rloo": "alignkit.stages.rloo",
     "rest": "alignkit.stages.rest",
+    "rlaif": "alignkit.stages.rlaif",
 }
 
 
@@ -42,6 +43,13 @@ class Stage:
     # Checks of the validated ``train`` section that the TRL config only makes once training has started
     # (an unknown DPO loss type, say); raises RecipeError.
     check_train: Callable[[dict[str, Any]], None] | None = None
+    # For a stage whose ``train`` section depends on another section (rlaif: DPO or reward-model training):
+    # the config class for the raw recipe, used instead of ``train_config`` when validating.
+    train_config_of: Callable[[dict[str, Any]], type] | None = None
+
+    def config_class(self, raw: dict[str, Any]) -> type:
+        """The TRL config class of the ``train`` section of the raw recipe ``raw``."""
+        return self.train_config_of(raw) if self.train_config_of is not None else self.train_config()
 
 
 def get_stage(name: str) -> Stage:

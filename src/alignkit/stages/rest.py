@@ -21,7 +21,6 @@ grow steps' samples), ``rest/kept_fraction_end``; every improve step's figures a
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 from pathlib import Path
@@ -32,17 +31,27 @@ from trl import SFTConfig, SFTTrainer
 from alignkit import modeling, training
 from alignkit.data import load_prompt_data, load_sft_data
 from alignkit.errors import RecipeError
-from alignkit.generation import generate
 from alignkit.recipe import DataSettings, DataSource, Recipe
 from alignkit.rest import RestSettings, Sample, keep_samples
 from alignkit.rewards import RewardSettings, load_reward_functions, weighted_reward
 from alignkit.runs import RunDir, last_checkpoint
 from alignkit.stages import Stage
-from alignkit.stages.rl_common import eval_generation, held_out_prompts
+from alignkit.stages.iterative import (
+    adopt_final_model,
+    held_out_mean_reward,
+    load_loop_state,
+    mean,
+    policy_settings,
+    read_jsonl,
+    sample_answers,
+    save_loop_state,
+    write_jsonl,
+)
+from alignkit.stages.rl_common import held_out_prompts
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE, LOG_FILE, SAMPLES_FILE, KEPT_FILE = "trainer_state.json", "rest_log.jsonl", "samples.jsonl", "kept.jsonl"
+LOG_FILE, SAMPLES_FILE, KEPT_FILE = "rest_log.jsonl", "samples.jsonl", "kept.jsonl"
 
 
 def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
@@ -59,11 +68,9 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     def held_out_reward(model, tokenizer) -> float | None:
         if held_out is None or len(held_out) == 0:
             return None
-        prompts = list(held_out["prompt"])
-        completions = generate(model, tokenizer, prompts, eval_generation(recipe, settings.generation.max_new_tokens))
-        return _mean(reward(prompts, completions, _columns(held_out)))
+        return held_out_mean_reward(model, tokenizer, held_out, reward, recipe, settings.generation.max_new_tokens)
 
-    state = _load_state(run_dir)
+    state = load_loop_state(run_dir, LOG_FILE, "rest", "improve step")
     if state is None:
         model, tokenizer = modeling.load_for_inference(recipe.model)
         state = {"completed": 0, "policy": None, "eval_reward_start": held_out_reward(model, tokenizer), "history": []}
@@ -80,7 +87,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
             entry, policy = _improve(recipe, settings, run_dir, step, grow, improve, samples, state["policy"],
                                      held_out_reward)
             state = {**state, "completed": step, "policy": policy, "history": [*state["history"], entry]}
-            _save_state(run_dir, step, state)
+            save_loop_state(run_dir, step, state, LOG_FILE)
     return _finish(recipe, run_dir, state)
 
 
@@ -91,28 +98,21 @@ def _grow(recipe: Recipe, settings: RestSettings, run_dir: RunDir, grow: int, po
     """This grow step's samples: read back if an interrupted run already wrote them, else sampled and scored."""
     path = run_dir.path / f"grow-{grow}" / SAMPLES_FILE
     if path.is_file():
-        return [Sample(**json.loads(line)) for line in path.read_text().splitlines()]
+        return [Sample(**row) for row in read_jsonl(path)]
     count = len(prompts_data)
     chosen = list(range(count))
     if settings.prompts_per_grow is not None and settings.prompts_per_grow < count:
         chosen = sorted(random.Random(f"{recipe.data.seed}-grow-{grow}").sample(chosen, settings.prompts_per_grow))
     rows = prompts_data.select(chosen)
     repeats = settings.samples_per_prompt
-    prompts = [prompt for prompt in rows["prompt"] for _ in range(repeats)]
-    columns = {name: [value for value in values for _ in range(repeats)] for name, values in _columns(rows).items()}
-    model, tokenizer = modeling.load_for_inference(_policy_settings(recipe, policy))
     sampling = dataclasses.replace(settings.generation, seed=settings.generation.seed + grow)
-    completions = generate(model, tokenizer, prompts, sampling)
-    del model
+    prompts, completions, columns = sample_answers(policy_settings(recipe, policy), rows, repeats, sampling)
     rewards = reward(prompts, completions, columns)
     samples = [Sample(prompt_index=index // repeats, prompt=prompt, completion=completion, reward=float(value))
                for index, (prompt, completion, value) in enumerate(zip(prompts, completions, rewards))]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")  # renamed when complete: a killed run never reads half a file
-    partial.write_text("".join(json.dumps(dataclasses.asdict(s)) + "\n" for s in samples))
-    partial.rename(path)
+    write_jsonl(path, (dataclasses.asdict(s) for s in samples))
     logger.info("rest grow %d: %d samples of %d prompts, mean reward %.3f", grow, len(samples), len(rows),
-                _mean([s.reward for s in samples]))
+                mean([s.reward for s in samples]))
     return samples
 
 
@@ -124,9 +124,9 @@ def _improve(recipe: Recipe, settings: RestSettings, run_dir: RunDir, step: int,
     kept = keep_samples(samples, settings, improve)
     entry: dict[str, Any] = {
         "step": step, "grow": grow, "improve": improve, "filter": settings.filter, "bar": settings.bar(improve),
-        "samples": len(samples), "sample_reward": _mean([s.reward for s in samples]), "kept": len(kept),
+        "samples": len(samples), "sample_reward": mean([s.reward for s in samples]), "kept": len(kept),
         "kept_fraction": len(kept) / len(samples) if samples else 0.0,
-        "kept_reward": _mean([s.reward for s in kept]) if kept else None,
+        "kept_reward": mean([s.reward for s in kept]) if kept else None,
     }
     if not kept:
         # Nothing reached the bar: the policy stays as it is rather than being trained on nothing.
@@ -136,10 +136,9 @@ def _improve(recipe: Recipe, settings: RestSettings, run_dir: RunDir, step: int,
     out = run_dir.path / f"improve-{step}"
     out.mkdir(parents=True, exist_ok=True)
     kept_path = out / KEPT_FILE
-    kept_path.write_text("".join(json.dumps({"messages": [*s.prompt, {"role": "assistant", "content": s.completion}]})
-                                 + "\n" for s in kept))
+    write_jsonl(kept_path, ({"messages": [*s.prompt, {"role": "assistant", "content": s.completion}]} for s in kept))
     step_recipe = dataclasses.replace(
-        recipe, model=_policy_settings(recipe, policy),
+        recipe, model=policy_settings(recipe, policy),
         data=DataSettings(train=[DataSource(path=str(kept_path), format="messages")], seed=recipe.data.seed),
         # The stage measures the held-out reward itself; the SFT trainer has no held-out set to evaluate.
         train={**recipe.train, "output_dir": str(out), "eval_strategy": "no"})
@@ -154,33 +153,7 @@ def _improve(recipe: Recipe, settings: RestSettings, run_dir: RunDir, step: int,
     return entry, str(out)
 
 
-def _policy_settings(recipe: Recipe, policy: str | None):
-    """The model settings of the current policy: the recipe's start, or the latest improve step's run dir
-    (its adapter trained further, on the recipe's base, dtype and quantisation)."""
-    if policy is None:
-        return recipe.model
-    return dataclasses.replace(recipe.model, name_or_path=policy, run_adapter="continue")
-
-
 # ---- state, resume and results ------------------------------------------------------------------------------
-
-def _save_state(run_dir: RunDir, step: int, state: dict[str, Any]) -> None:
-    path = run_dir.path / f"checkpoint-{step}"
-    path.mkdir(parents=True, exist_ok=True)
-    with (run_dir.path / LOG_FILE).open("a") as log:
-        log.write(json.dumps(state["history"][-1]) + "\n")
-    (path / STATE_FILE).write_text(json.dumps(state, indent=1))  # last: marks the checkpoint complete
-
-
-def _load_state(run_dir: RunDir) -> dict[str, Any] | None:
-    if run_dir.resume_from is None:
-        return None
-    state = json.loads((run_dir.resume_from / STATE_FILE).read_text())
-    logger.info("rest: resuming after improve step %d", state["completed"])
-    # The log keeps exactly the steps the resumed run stands on.
-    (run_dir.path / LOG_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in state["history"]))
-    return state
-
 
 def _finish(recipe: Recipe, run_dir: RunDir, state: dict[str, Any]) -> dict[str, Any]:
     from alignkit.plots import write_line_plot
@@ -189,10 +162,7 @@ def _finish(recipe: Recipe, run_dir: RunDir, state: dict[str, Any]) -> dict[str,
     if state["policy"] is None:
         raise RecipeError("rest: no improve step kept any sample, so nothing was trained; lower rest.thresholds "
                           "(or rest.min_reward) or sample more (rest.samples_per_prompt)")
-    final = Path(state["policy"])
-    for item in final.iterdir():  # the last improve step's policy is the run's model
-        if item.is_file() and item.name not in (KEPT_FILE, "data.json", "metrics.json"):
-            (run_dir.path / item.name).write_bytes(item.read_bytes())
+    adopt_final_model(run_dir, Path(state["policy"]), keep_out=(KEPT_FILE,))
     evaluated = [e for e in history if e.get("eval_reward") is not None]
     steps = [0, *(e["step"] for e in evaluated)]
     if state["eval_reward_start"] is not None and evaluated:
@@ -208,14 +178,6 @@ def _finish(recipe: Recipe, run_dir: RunDir, state: dict[str, Any]) -> dict[str,
         metrics["rest/eval_reward_start"] = state["eval_reward_start"]
         metrics["rest/eval_reward_end"] = evaluated[-1]["eval_reward"]
     return metrics
-
-
-def _columns(rows) -> dict[str, list]:
-    return {name: list(rows[name]) for name in rows.column_names if name != "prompt"}
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
 
 
 STAGE = Stage(name="rest", help="ReST / best-of-N: sample, keep the best answers, fine-tune (TRL SFTTrainer)",

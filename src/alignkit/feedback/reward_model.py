@@ -1,22 +1,20 @@
-"""Feedback on generated answers: reward models as scorers, judges that compare two answers, win rates.
+"""Reward models as scorers, and the judge built on one.
 
 A reward model trained by the ``rm`` stage loads back with ``RewardModel.load(run_dir)`` and scores
-(prompt, answer) pairs; PPO, ReST and the evaluation's win rate use it. Anything that can compare two
-answers to the same prompt is a ``Judge``: a reward model (``RewardModelJudge``) today, AI judges later.
+(prompt, answer) pairs; PPO, ReST and the evaluation's win rate use it. ``RewardModelJudge`` turns two
+rewards into a preference probability the way the reward model was trained to mean them: Bradley-Terry,
+``P(first better) = sigmoid(r_first - r_second)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from alignkit import modeling
-from alignkit.recipe import ModelSettings, is_run_with_adapter
-
-Messages = list[dict[str, str]]
+from alignkit.feedback.base import JudgeStats, Messages, check_lengths, sigmoid
 
 
 @dataclass
@@ -31,6 +29,10 @@ class RewardModel:
     def load(cls, name_or_path: str | Path, batch_size: int = 32) -> RewardModel:
         """An ``rm`` run dir (base + adapter with its reward head, or a full model), or any local or hub
         sequence classifier with one label."""
+        # Imported here: alignkit.recipe imports this package for the judge settings of `evaluate:`.
+        from alignkit import modeling
+        from alignkit.recipe import ModelSettings, is_run_with_adapter
+
         settings = ModelSettings(name_or_path=str(name_or_path))
         path = modeling.resolve_path(settings.name_or_path)
         if is_run_with_adapter(path):
@@ -76,31 +78,21 @@ class RewardModel:
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
-class Judge(Protocol):
-    """Compares two answers to each prompt."""
-
-    def compare(self, prompts: Sequence[Messages], first: Sequence[str], second: Sequence[str]) -> list[float]:
-        """Per prompt, how much ``first`` beats ``second``: > 0 first is better, < 0 second is, 0 a tie."""
-        ...
-
-
 @dataclass
 class RewardModelJudge:
-    """A judge from a reward model: the difference of the two answers' rewards."""
+    """A judge from a reward model: ``sigmoid(r_first - r_second)``, the Bradley-Terry probability the
+    reward model was trained on (TRL's RewardTrainer minimises ``-log sigmoid(r_chosen - r_rejected)``).
+
+    Every answer is scored, empty ones included: the reward model has learned what they are worth.
+    """
 
     reward_model: RewardModel
+    stats: JudgeStats = field(default_factory=JudgeStats)
 
     def compare(self, prompts: Sequence[Messages], first: Sequence[str], second: Sequence[str]) -> list[float]:
+        """Per prompt, the probability that ``first`` is the better answer."""
+        check_lengths(prompts, first, second)
         first_scores = self.reward_model.score(prompts, first)
         second_scores = self.reward_model.score(prompts, second)
-        return [a - b for a, b in zip(first_scores, second_scores)]
-
-
-def win_rates(preferences: Sequence[float], tie_margin: float = 0.0) -> dict[str, float]:
-    """Win / tie / loss rates of the first answers from a judge's preferences; ``|p| <= tie_margin`` is a tie."""
-    if not preferences:
-        raise ValueError("no comparisons to count")
-    wins = sum(p > tie_margin for p in preferences)
-    losses = sum(p < -tie_margin for p in preferences)
-    count = len(preferences)
-    return {"win_rate": wins / count, "tie_rate": (count - wins - losses) / count, "loss_rate": losses / count}
+        self.stats.compared += len(prompts)
+        return [sigmoid(a - b) for a, b in zip(first_scores, second_scores)]

@@ -1,0 +1,41 @@
+"""Feedback on generated answers: reward models as scorers, and judges that compare two answers.
+
+Every judge has ``compare(prompts, first, second) -> list[float]``: per prompt (a message list), the
+probability that ``first`` is the better answer, 0.5 for a tie. They are used by the evaluation's win rate
+and, later, by the RLAIF and ReST stages.
+
+- ``RewardModelJudge``: a reward model (``RewardModel.load(run_dir)``), ``sigmoid(r_first - r_second)``.
+- ``LLMJudge``: a causal LM asked which answer is better under a constitution, read from the
+  probabilities of the option tokens, in both orders to cancel position bias.
+- ``RuleJudge``: a reward function by import path (TRL's signature), the higher score wins.
+
+A recipe describes one with ``JudgeSettings``; ``load_judge`` builds it.
+
+Modules: ``base`` (protocol, stats, win rates), ``reward_model``, ``template`` (the LLM judge's question),
+``llm``, ``rule``, ``settings``. They import models and torch only when used, because ``alignkit.recipe``
+imports this package for the judge settings of ``evaluate:``.
+"""
+
+from alignkit.feedback.base import Judge, JudgeStats, Messages, win_rates
+from alignkit.feedback.llm import LLMJudge, option_tokens
+from alignkit.feedback.reward_model import RewardModel, RewardModelJudge
+from alignkit.feedback.rule import RuleJudge
+from alignkit.feedback.settings import JudgeSettings, load_judge
+from alignkit.feedback.template import DEFAULT_CONSTITUTION, DEFAULT_TEMPLATE, judge_question
+
+__all__ = [
+    "DEFAULT_CONSTITUTION",
+    "DEFAULT_TEMPLATE",
+    "Judge",
+    "JudgeSettings",
+    "JudgeStats",
+    "LLMJudge",
+    "Messages",
+    "RewardModel",
+    "RewardModelJudge",
+    "RuleJudge",
+    "judge_question",
+    "load_judge",
+    "option_tokens",
+    "win_rates",
+]

@@ -1,0 +1,81 @@
+"""What every judge shares: the ``Judge`` protocol, its bookkeeping (``JudgeStats``) and win rates.
+
+A judge compares two answers to the same prompt and returns, per prompt, the *probability* that the first
+answer is the better one: 1.0 sure it is, 0.0 sure it is not, 0.5 a tie or no opinion. Probabilities (not
+raw score differences) let reward models, rules and LLM judges stand in for one another: a win rate, an
+AI-labelled preference pair or its confidence mean the same whichever judge produced them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+Messages = list[dict[str, str]]
+
+
+class Judge(Protocol):
+    """Compares two answers to each prompt."""
+
+    def compare(self, prompts: Sequence[Messages], first: Sequence[str], second: Sequence[str]) -> list[float]:
+        """Per prompt, the probability that ``first`` is better than ``second`` (0.5: a tie)."""
+        ...
+
+
+@dataclass
+class JudgeStats:
+    """Running counts of a judge: pairs judged, pairs skipped by reason, and means of diagnostics.
+
+    A skipped pair (an empty answer, a question too long for the judge model...) gets probability 0.5 and is
+    counted here rather than raising, so one bad sample never stops an RLAIF or evaluation run.
+    """
+
+    compared: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    _sums: dict[str, tuple[float, int]] = field(default_factory=dict, repr=False)
+
+    def skip(self, reason: str, count: int = 1) -> None:
+        """Count ``count`` pairs skipped for ``reason``."""
+        if count:
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
+
+    def add_mean(self, name: str, values: Sequence[float]) -> None:
+        """Fold ``values`` into the running mean reported as ``name``."""
+        total, count = self._sums.get(name, (0.0, 0))
+        self._sums[name] = (total + sum(values), count + len(values))
+
+    def summary(self) -> dict[str, float]:
+        """``compared``, ``skipped`` (all reasons), ``skipped_<reason>`` and every running mean."""
+        out: dict[str, float] = {"compared": self.compared, "skipped": sum(self.skipped.values())}
+        out |= {f"skipped_{reason}": count for reason, count in self.skipped.items()}
+        out |= {name: total / count for name, (total, count) in self._sums.items() if count}
+        return out
+
+
+def sigmoid(x: float) -> float:
+    """The logistic function, without overflow for large ``|x|``."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
+def check_lengths(prompts: Sequence, first: Sequence, second: Sequence) -> None:
+    """Raise ValueError unless there is one first and one second answer per prompt."""
+    if not len(prompts) == len(first) == len(second):
+        raise ValueError(f"{len(prompts)} prompts but {len(first)} first and {len(second)} second answers")
+
+
+def win_rates(preferences: Sequence[float], tie_margin: float = 0.0) -> dict[str, float]:
+    """Win / tie / loss rates of the first answers from a judge's preference probabilities.
+
+    ``p > 0.5 + tie_margin`` is a win, ``p < 0.5 - tie_margin`` a loss, anything in between a tie.
+    """
+    if not preferences:
+        raise ValueError("no comparisons to count")
+    wins = sum(p > 0.5 + tie_margin for p in preferences)
+    losses = sum(p < 0.5 - tie_margin for p in preferences)
+    count = len(preferences)
+    return {"win_rate": wins / count, "tie_rate": (count - wins - losses) / count, "loss_rate": losses / count}

@@ -1,0 +1,130 @@
+"""Judge settings for recipes, and ``load_judge`` to build the judge they describe.
+
+A recipe names a judge in a mapping (``evaluate.judge`` today; the RLAIF and ReST stages later)::
+
+    judge:
+      kind: llm                        # llm | reward_model | rule
+      model: runs/demo-judge           # llm and reward_model: a run dir, local dir or hub id
+      constitution: The right answer has the words in reverse order.
+      swap: true                       # ask in both orders, cancelling position bias
+
+    judge: {kind: rule, function: alignkit.demo.rewards:reversal_reward}
+    judge: runs/demo-rm                # short for {kind: reward_model, model: runs/demo-rm}
+
+Nothing is loaded until ``load_judge`` runs, so a recipe validates without touching a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from alignkit.feedback.base import Judge
+from alignkit.feedback.template import DEFAULT_CONSTITUTION, DEFAULT_TEMPLATE, check_template
+
+JudgeKind = Literal["llm", "reward_model", "rule"]
+
+
+@dataclass
+class JudgeSettings:
+    """Which judge compares two answers, and how (see alignkit.feedback)."""
+
+    SHORTHAND_FIELD = "model"  # `judge: runs/demo-rm` is short for `judge: {model: runs/demo-rm}`
+
+    kind: JudgeKind = field(
+        default="reward_model",
+        metadata={"help": "llm: a causal LM asked which answer is better (read from its option-token "
+                  "probabilities); reward_model: sigmoid of the reward difference (Bradley-Terry); rule: a reward "
+                  "function's scores compared."},
+    )
+    model: str | None = field(
+        default=None,
+        metadata={"help": "The judge model (kind llm or reward_model): an alignkit run dir, a local dir or a hub id."},
+    )
+    function: str | None = field(
+        default=None,
+        metadata={"help": "The rule (kind rule): a reward function by import path, module:function, with TRL's "
+                  "signature f(prompts, completions, **columns) -> list of floats."},
+    )
+    constitution: str = field(
+        default=DEFAULT_CONSTITUTION,
+        metadata={"help": "Principles the LLM judge is asked to judge by; fills {constitution} in the template."},
+    )
+    template: str = field(
+        default=DEFAULT_TEMPLATE,
+        metadata={"help": "The LLM judge's question, with {constitution}, {prompt}, {answer_1}, {answer_2}, "
+                  "{option_1}, {option_2}; the judge appends 'Reply <option_1> or <option_2>.' itself. Write {{ "
+                  "and }} for literal braces."},
+    )
+    options: list[str] = field(
+        default_factory=lambda: ["1", "2"],
+        metadata={"help": "The two labels the LLM judge answers with; each must be one token of its vocabulary."},
+    )
+    swap: bool = field(
+        default=True,
+        metadata={"help": "LLM judge: ask in both orders and average, cancelling a preference for a position "
+                  "(twice the cost)."},
+    )
+    chain_of_thought: bool = field(
+        default=False,
+        metadata={"help": "LLM judge: have it explain first (greedy, up to max_new_tokens), then read its verdict."},
+    )
+    max_new_tokens: int = field(default=256, metadata={"help": "LLM judge: longest chain-of-thought explanation."})
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "LLM judge: longer questions are skipped (counted, preference 0.5); null: the tokenizer's "
+                  "model_max_length."},
+    )
+    temperature: float | None = field(
+        default=None,
+        metadata={"help": "Rule judge: null gives 1 / 0.5 / 0 from comparing the two scores; a temperature T gives "
+                  "sigmoid((s1 - s2) / T)."},
+    )
+    batch_size: int = field(default=16, metadata={"help": "Questions (or answers) per forward pass."})
+
+    def __post_init__(self) -> None:
+        needs = "function" if self.kind == "rule" else "model"
+        other = "model" if needs == "function" else "function"
+        if getattr(self, needs) is None:
+            raise ValueError(f"a judge of kind '{self.kind}' needs '{needs}'")
+        if getattr(self, other) is not None:
+            raise ValueError(f"a judge of kind '{self.kind}' takes '{needs}', not '{other}'")
+        if self.function is not None:
+            from alignkit.rewards import RewardSource
+
+            RewardSource(function=self.function)  # checks the module:function form, with an example
+        if len(self.options) != 2 or not all(label.strip() for label in self.options):
+            raise ValueError(f"options must be two non-empty labels, got {self.options}")
+        if self.options[0] == self.options[1]:
+            raise ValueError(f"the two option labels must differ, got '{self.options[0]}' twice")
+        check_template(self.template, self.constitution)
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (or null), got {self.temperature}")
+
+    @property
+    def label(self) -> str:
+        """How reports name this judge: its model or function (LLM judges marked as such)."""
+        if self.kind == "llm":
+            return f"{self.model} (LLM judge)"
+        return str(self.model if self.kind == "reward_model" else self.function)
+
+
+def load_judge(settings: JudgeSettings) -> Judge:
+    """The judge ``settings`` describe, with its model loaded or its function imported."""
+    if settings.kind == "rule":
+        from alignkit.feedback.rule import RuleJudge
+
+        return RuleJudge.from_path(settings.function, temperature=settings.temperature)
+    if settings.kind == "reward_model":
+        from alignkit.feedback.reward_model import RewardModel, RewardModelJudge
+
+        return RewardModelJudge(RewardModel.load(settings.model, batch_size=settings.batch_size))
+    from alignkit.feedback.llm import LLMJudge
+
+    return LLMJudge.load(settings.model, template=settings.template, constitution=settings.constitution,
+                         options=tuple(settings.options), swap=settings.swap,
+                         chain_of_thought=settings.chain_of_thought, max_new_tokens=settings.max_new_tokens,
+                         batch_size=settings.batch_size, max_length=settings.max_length)

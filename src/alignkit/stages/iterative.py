@@ -1,0 +1,115 @@
+"""What the iterative stages (``rest``, ``rlaif``) share: a loop of sample -> select -> fine-tune, where each
+step continues the policy the previous one trained.
+
+- ``policy_settings``: the model settings of the current policy (the recipe's start, or a step's run dir);
+- ``sample_answers``: several sampled answers per prompt from that policy;
+- ``held_out_mean_reward``: the mean reward of a model's answers to the held-out prompts;
+- ``write_jsonl`` / ``read_jsonl``: a step's files, written whole or not at all;
+- ``save_loop_state`` / ``load_loop_state``: ``checkpoint-<k>/trainer_state.json`` after step k and the
+  step log, so an interrupted run resumes after its last complete step;
+- ``adopt_final_model``: the last step's model becomes the run dir's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from alignkit import modeling
+from alignkit.recipe import GenerationSettings, ModelSettings, Recipe
+from alignkit.runs import RunDir
+from alignkit.stages.rl_common import eval_generation
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+
+
+def policy_settings(recipe: Recipe, policy: str | None) -> ModelSettings:
+    """The model settings of the current policy: the recipe's start (``policy`` None), or a step's run dir
+    (its adapter trained further, on the recipe's base, dtype and quantisation)."""
+    if policy is None:
+        return recipe.model
+    return dataclasses.replace(recipe.model, name_or_path=policy, run_adapter="continue")
+
+
+def sample_answers(settings: ModelSettings, rows, repeats: int,
+                   generation: GenerationSettings) -> tuple[list, list[str], dict[str, list]]:
+    """``repeats`` sampled answers to each prompt of ``rows`` (prompt-only rows) from the model ``settings``
+    describe: (prompts, answers, other columns), each prompt repeated ``repeats`` times in a row."""
+    from alignkit.generation import generate
+
+    prompts = [prompt for prompt in rows["prompt"] for _ in range(repeats)]
+    columns = {name: [value for value in values for _ in range(repeats)] for name, values in columns_of(rows).items()}
+    model, tokenizer = modeling.load_for_inference(settings)
+    answers = generate(model, tokenizer, prompts, generation)
+    del model
+    return prompts, answers, columns
+
+
+def held_out_mean_reward(model, tokenizer, rows, reward, recipe: Recipe, max_new_tokens: int) -> float:
+    """Mean ``reward(prompts, answers, columns)`` of ``model``'s answers to the held-out prompt ``rows``,
+    generated as ``evaluate.generation`` says (else greedily, up to ``max_new_tokens``)."""
+    from alignkit.generation import generate
+
+    prompts = list(rows["prompt"])
+    answers = generate(model, tokenizer, prompts, eval_generation(recipe, max_new_tokens))
+    return mean(reward(prompts, answers, columns_of(rows)))
+
+
+def columns_of(rows) -> dict[str, list]:
+    """The columns of prompt rows other than ``prompt`` (references and the like, passed to reward functions)."""
+    return {name: list(rows[name]) for name in rows.column_names if name != "prompt"}
+
+
+def write_jsonl(path: Path, rows: Iterable[Any]) -> None:
+    """One JSON line per row, written to a side file and renamed: a killed run never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    partial.rename(path)
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    """The rows of a file ``write_jsonl`` wrote."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def save_loop_state(run_dir: RunDir, step: int, state: dict[str, Any], log_file: str) -> None:
+    """Record step ``step``: its log entry (``state['history'][-1]``) appended to ``log_file``, then
+    ``checkpoint-<step>/trainer_state.json``, written last because it marks the step complete."""
+    path = run_dir.path / f"checkpoint-{step}"
+    path.mkdir(parents=True, exist_ok=True)
+    with (run_dir.path / log_file).open("a") as log:
+        log.write(json.dumps(state["history"][-1]) + "\n")
+    (path / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+
+def load_loop_state(run_dir: RunDir, log_file: str, stage: str, step_name: str) -> dict[str, Any] | None:
+    """The state of the last complete step of an interrupted run (None for a new run), logged as "<stage>:
+    resuming after <step_name> <k>"; the step log is rewritten to hold exactly the steps the resumed run
+    stands on."""
+    if run_dir.resume_from is None:
+        return None
+    state = json.loads((run_dir.resume_from / STATE_FILE).read_text())
+    logger.info("%s: resuming after %s %d", stage, step_name, state["completed"])
+    (run_dir.path / log_file).write_text("".join(json.dumps(entry) + "\n" for entry in state["history"]))
+    return state
+
+
+def adopt_final_model(run_dir: RunDir, final: Path, keep_out: Sequence[str] = ()) -> None:
+    """Copy the files of the last step's run dir (adapter or model, tokenizer, recipe) into the run dir, so the
+    run dir loads as the trained policy; ``keep_out`` names the step's own files (its data) that stay there."""
+    skipped = {*keep_out, "data.json", "metrics.json"}
+    for item in final.iterdir():
+        if item.is_file() and item.name not in skipped:
+            (run_dir.path / item.name).write_bytes(item.read_bytes())
+
+
+def mean(values: Sequence[float]) -> float:
+    """The mean; NaN for no values."""
+    return sum(values) / len(values) if values else float("nan")

@@ -1,0 +1,258 @@
+"""RLAIF: preference pairs labelled by an AI judge instead of people (Bai et al. 2022, Lee et al. 2023), then
+DPO on them, or a reward model trained on them for PPO. Neither TRL (judges removed) nor the other toolkits
+ship the loop; the training is TRL's DPO or reward trainer.
+
+recipe -> prompts (``data``, prompt-only formats) -> the judge (``rlaif.judge``) -> for each iteration: sample
+``samples_per_prompt`` answers per prompt with the current policy -> pair distinct answers -> the judge's
+preference for each pair -> keep pairs with confidence >= ``min_confidence`` -> DPO the policy on them (or
+train a reward model, ``objective: rm``) -> the held-out reward, when the recipe has a ``reward`` section to
+monitor with (it never labels anything) -> run dir with the final policy (or reward model),
+``rlaif_log.jsonl``, ``rlaif_reward.svg`` and ``metrics.json``.
+
+Run dir layout: ``iteration-<i>/samples.jsonl`` (every sampled answer), ``pairs.jsonl`` (every judged pair:
+the two answers, P(first is better), confidence, and the monitoring rewards), ``label_counts.json`` (answers
+that could not be paired, the judge's skips), ``preferences.jsonl`` (the kept
+pairs as prompt / chosen / rejected rows, loadable by the dpo and rm stages) and the iteration's training run
+(checkpoints, the model after it); ``checkpoint-<i>/`` holds the loop's state after iteration i, written last.
+An interrupted run resumes after its last complete iteration, inside one from the files it had written and
+the trainer's last checkpoint.
+
+metrics.json: ``rlaif/pairs_judged_end``, ``rlaif/pairs_kept_end``, ``rlaif/confidence_end`` (mean
+confidence of the kept pairs), ``rlaif/label_agreement_end`` (kept labels the monitoring reward agrees
+with), ``rlaif/eval_reward_start`` and ``_end`` (the monitoring reward of greedy answers to the held-out
+prompts); every iteration's figures, the judge's skips included, are in ``rlaif_log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
+
+from alignkit import modeling, training
+from alignkit.data import load_preference_data, load_prompt_data
+from alignkit.errors import RecipeError
+from alignkit.feedback import Judge, load_judge
+from alignkit.recipe import DataSettings, DataSource, Recipe, is_run_with_adapter
+from alignkit.rewards import RewardSettings, load_reward_functions, weighted_reward
+from alignkit.rlaif import Pair, RlaifSettings, confident_pairs, label_agreement, make_pairs, preference_row
+from alignkit.runs import RunDir, last_checkpoint
+from alignkit.stages import Stage
+from alignkit.stages.dpo import check_train as check_dpo_train
+from alignkit.stages.iterative import (
+    adopt_final_model,
+    held_out_mean_reward,
+    load_loop_state,
+    mean,
+    policy_settings,
+    read_jsonl,
+    sample_answers,
+    save_loop_state,
+    write_jsonl,
+)
+from alignkit.stages.rl_common import held_out_prompts
+
+logger = logging.getLogger(__name__)
+
+LOG_FILE, SAMPLES_FILE, PAIRS_FILE, COUNTS_FILE, PREFERENCES_FILE = (
+    "rlaif_log.jsonl", "samples.jsonl", "pairs.jsonl", "label_counts.json", "preferences.jsonl")
+
+
+def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
+    settings: RlaifSettings = recipe.sections["rlaif"]
+    monitor = _monitoring_reward(recipe.sections.get("reward"))
+    if settings.objective == "rm" and is_run_with_adapter(recipe.model.name_or_path) \
+            and recipe.model.run_adapter == "continue":
+        raise RecipeError("rlaif objective rm starts a new reward head: to start from a run dir with an adapter, set "
+                          "model.run_adapter: merge (and give the reward model its own adapter section)")
+    data = load_prompt_data(recipe.data)
+    training.record_data(run_dir, data)
+    held_out = held_out_prompts(data.eval, recipe) if monitor is not None else None
+    judge = _LazyJudge(settings)
+
+    def held_out_reward(model, tokenizer) -> float | None:
+        if held_out is None or len(held_out) == 0 or settings.objective == "rm":
+            return None
+        return held_out_mean_reward(model, tokenizer, held_out, monitor, recipe, settings.generation.max_new_tokens)
+
+    state = load_loop_state(run_dir, LOG_FILE, "rlaif", "iteration")
+    if state is None:
+        start = None
+        if held_out is not None and settings.objective == "dpo":
+            model, tokenizer = modeling.load_for_inference(recipe.model)
+            start = held_out_reward(model, tokenizer)
+            del model
+        state = {"completed": 0, "policy": None, "eval_reward_start": start, "history": []}
+    for iteration in range(state["completed"] + 1, settings.iterations + 1):
+        entry, trained = _iteration(recipe, settings, run_dir, iteration, state["policy"], data.train, judge, monitor,
+                                    held_out_reward)
+        state = {**state, "completed": iteration, "history": [*state["history"], entry],
+                 "policy": trained or state["policy"]}
+        save_loop_state(run_dir, iteration, state, LOG_FILE)
+    return _finish(run_dir, state)
+
+
+class _LazyJudge:
+    """The recipe's judge, loaded the first time an iteration has pairs to label (a resumed run whose pairs are
+    all labelled never loads it)."""
+
+    def __init__(self, settings: RlaifSettings) -> None:
+        self.settings = settings
+        self.judge: Judge | None = None
+
+    def compare(self, prompts, first, second) -> list[float]:
+        if self.judge is None:
+            self.judge = load_judge(self.settings.judge)
+        return self.judge.compare(prompts, first, second)
+
+    def take_stats(self) -> dict[str, float]:
+        """The judge's counts since the last call (compared, skipped by reason, diagnostics), then reset."""
+        stats = getattr(self.judge, "stats", None)
+        if stats is None:
+            return {}
+        summary = stats.summary()
+        self.judge.stats = type(stats)()
+        return summary
+
+
+def _monitoring_reward(settings: RewardSettings | None):
+    """``reward(prompts, answers, columns) -> rewards`` from the recipe's reward section, or None without one."""
+    if settings is None:
+        return None
+    functions = load_reward_functions(settings)  # a bad import path fails before anything loads
+
+    def reward(prompts: list, answers: list[str], columns: dict[str, list]) -> list[float]:
+        return weighted_reward(functions, settings.weights, prompts, answers, columns)[0]
+
+    return reward
+
+
+# ---- one iteration: sample, pair, judge, train --------------------------------------------------------------
+
+def _iteration(recipe: Recipe, settings: RlaifSettings, run_dir: RunDir, iteration: int, policy: str | None,
+               prompts_data, judge: _LazyJudge, monitor, held_out_reward) -> tuple[dict[str, Any], str | None]:
+    """Label pairs of the current policy's answers and train on them; (log entry, the trained run dir or None)."""
+    out = run_dir.path / f"iteration-{iteration}"
+    pairs, entry = _labelled_pairs(recipe, settings, out, iteration, policy, prompts_data, judge, monitor)
+    kept = confident_pairs(pairs, settings.min_confidence)
+    agreement = label_agreement(kept)
+    entry |= {"iteration": iteration, "pairs_judged": len(pairs), "pairs_kept": len(kept),
+              "confidence": mean([p.confidence for p in kept]) if kept else None,
+              "label_agreement": agreement}
+    logger.info("rlaif iteration %d: kept %d of %d judged pairs (confidence >= %s)%s", iteration, len(kept),
+                len(pairs), settings.min_confidence,
+                "" if agreement is None else f", {agreement:.0%} of them agree with the monitoring reward")
+    if not kept:
+        logger.warning("rlaif iteration %d: the judge decided no pair with confidence >= %s; nothing is trained",
+                       iteration, settings.min_confidence)
+        return entry | {"trained": False, "eval_reward": None}, None
+    preferences = out / PREFERENCES_FILE
+    if not preferences.is_file():
+        write_jsonl(preferences, (preference_row(pair) for pair in kept))
+    fitted = _train(recipe, settings, out, policy, preferences)
+    entry |= {"trained": True, "train_loss": fitted.metrics.get("train/loss"),
+              "train_steps": fitted.metrics.get("train/global_step"),
+              "eval_reward": held_out_reward(fitted.trainer.model, fitted.tokenizer)}
+    if entry["eval_reward"] is not None:
+        logger.info("rlaif iteration %d: held-out reward %.3f", iteration, entry["eval_reward"])
+    return entry, str(out)
+
+
+def _labelled_pairs(recipe: Recipe, settings: RlaifSettings, out: Path, iteration: int, policy: str | None,
+                    prompts_data, judge: _LazyJudge, monitor) -> tuple[list[Pair], dict[str, Any]]:
+    """This iteration's judged pairs and their counts, read back where an interrupted run wrote them."""
+    pairs_path, samples_path, counts_path = out / PAIRS_FILE, out / SAMPLES_FILE, out / COUNTS_FILE
+    if pairs_path.is_file():
+        pairs = [Pair(**{k: v for k, v in row.items() if k != "confidence"}) for row in read_jsonl(pairs_path)]
+        return pairs, json.loads(counts_path.read_text())
+    if samples_path.is_file():
+        samples = read_jsonl(samples_path)
+    else:
+        count = len(prompts_data)
+        chosen = list(range(count))
+        if settings.prompts_per_iteration is not None and settings.prompts_per_iteration < count:
+            rng = random.Random(f"{recipe.data.seed}-rlaif-{iteration}")
+            chosen = sorted(rng.sample(chosen, settings.prompts_per_iteration))
+        sampling = dataclasses.replace(settings.generation, seed=settings.generation.seed + iteration)
+        prompts, answers, columns = sample_answers(policy_settings(recipe, policy), prompts_data.select(chosen),
+                                                   settings.samples_per_prompt, sampling)
+        rewards = monitor(prompts, answers, columns) if monitor is not None else [None] * len(answers)
+        samples = [{"prompt": p, "answer": a, "reward": r} for p, a, r in zip(prompts, answers, rewards)]
+        write_jsonl(samples_path, samples)
+    pairing = make_pairs([s["prompt"] for s in samples], [s["answer"] for s in samples], settings.samples_per_prompt,
+                         settings.pairs_per_prompt, random.Random(f"{recipe.data.seed}-rlaif-pairs-{iteration}"),
+                         rewards=None if monitor is None else [s["reward"] for s in samples])
+    pairs = pairing.pairs
+    preferences = judge.compare([p.prompt for p in pairs], [p.first for p in pairs], [p.second for p in pairs])
+    for pair, preference in zip(pairs, preferences):
+        pair.preference = float(preference)
+    counts = {"samples": len(samples), "sample_reward": mean([s["reward"] for s in samples])
+              if monitor is not None else None, "empty_answers": pairing.empty_answers,
+              "unpaired_prompts": pairing.unpaired_prompts}
+    counts |= {f"judge_{name}": value for name, value in judge.take_stats().items()}
+    # The counts first: pairs.jsonl marks the labelling complete, and a resumed run reports them as they were.
+    counts_path.write_text(json.dumps(counts, indent=1))
+    write_jsonl(pairs_path, (pair.to_row() for pair in pairs))
+    return pairs, counts
+
+
+def _train(recipe: Recipe, settings: RlaifSettings, out: Path, policy: str | None, preferences: Path):
+    """DPO of the current policy (objective dpo) or a new reward model (objective rm) on the kept pairs, as a
+    training run in ``out`` (resumed from its last checkpoint)."""
+    step_recipe = dataclasses.replace(
+        recipe, model=policy_settings(recipe, policy),
+        data=DataSettings(train=[DataSource(path=str(preferences), format="preference")], seed=recipe.data.seed),
+        # The loop measures the held-out reward itself; the trainer has no held-out pairs.
+        train={**recipe.train, "output_dir": str(out), "eval_strategy": "no"})
+    run = RunDir(path=out, resume_from=last_checkpoint(out))
+    load_pairs = partial(load_preference_data, kind="pairs")
+    if settings.objective == "rm":
+        return training.fit(step_recipe, run, config_class=RewardConfig, trainer_class=RewardTrainer,
+                            load_data=load_pairs, head="reward")
+    return training.fit(step_recipe, run, config_class=DPOConfig, trainer_class=DPOTrainer, load_data=load_pairs)
+
+
+# ---- results ------------------------------------------------------------------------------------------------
+
+def _finish(run_dir: RunDir, state: dict[str, Any]) -> dict[str, Any]:
+    from alignkit.plots import write_line_plot
+
+    history = state["history"]
+    if state["policy"] is None:
+        raise RecipeError("rlaif: the judge decided no pair confidently enough in any iteration, so nothing was "
+                          "trained; lower rlaif.min_confidence or sample more (rlaif.samples_per_prompt)")
+    adopt_final_model(run_dir, Path(state["policy"]),
+                      keep_out=(SAMPLES_FILE, PAIRS_FILE, COUNTS_FILE, PREFERENCES_FILE))
+    last = history[-1]
+    metrics: dict[str, Any] = {"rlaif/iterations": len(history), "rlaif/pairs_judged_end": last["pairs_judged"],
+                               "rlaif/pairs_kept_end": last["pairs_kept"]}
+    for name in ("confidence", "label_agreement", "sample_reward"):
+        if last.get(name) is not None:
+            metrics[f"rlaif/{name}_end"] = last[name]
+    evaluated = [entry for entry in history if entry.get("eval_reward") is not None]
+    if state["eval_reward_start"] is not None and evaluated:
+        metrics["rlaif/eval_reward_start"] = state["eval_reward_start"]
+        metrics["rlaif/eval_reward_end"] = evaluated[-1]["eval_reward"]
+        write_line_plot(run_dir.path / "rlaif_reward.svg", "RLAIF: held-out reward after each iteration",
+                        [0, *(entry["iteration"] for entry in evaluated)],
+                        {"held-out reward": [state["eval_reward_start"], *(e["eval_reward"] for e in evaluated)]})
+    return metrics
+
+
+def _train_config(raw: dict[str, Any]) -> type:
+    """The ``train`` section's TRL config: DPOConfig, or RewardConfig with ``rlaif.objective: rm``."""
+    section = raw.get("rlaif")
+    objective = section.get("objective", "dpo") if isinstance(section, dict) else "dpo"
+    return RewardConfig if objective == "rm" else DPOConfig
+
+
+STAGE = Stage(name="rlaif", help="RLAIF: an AI judge labels pairs of sampled answers, then DPO or a reward model "
+              "(TRL DPOTrainer / RewardTrainer)", train_config=lambda: DPOConfig, train_config_of=_train_config,
+              run=run, sections={"rlaif": RlaifSettings, "reward": RewardSettings}, required_sections=("rlaif",),
+              check_train=check_dpo_train)
