@@ -35,6 +35,16 @@ def noisy_sft_run(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="session")
+def demo_judge_run(tmp_path_factory) -> Path:
+    """The demo LLM judge: recipes/demo/judge.yaml as shipped (full fine-tuning with chain of thought), trained
+    once per test session; its evaluation (the label after the right check) is kept."""
+    run_dir = tmp_path_factory.mktemp("demo-judge") / "run"
+    run_ok("sft", "recipes/demo/judge.yaml", f"train.output_dir={run_dir}", "train.save_strategy=no",
+           "train.eval_strategy=no")
+    return run_dir
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run ``python -m alignkit ARGS`` in a subprocess, as a user would; returns the completed process."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -33,13 +33,14 @@ RECIPE_FOR = {"summarize/raw": "demo/sft-summarize.yaml", "translate/raw": "demo
 
 
 def task_input(name: str, row: dict) -> str:
-    """The text a row asks the model about: a raw input column, or the (last) user turn."""
+    """The text a row asks the model about: a raw input column, or the user's question (the first user turn: a
+    judge row's second one only asks for the label)."""
     if name in RAW_INPUT:
         return row[RAW_INPUT[name]]
     prompt = row.get("prompt", row.get("messages"))
     if isinstance(prompt, str):  # rated rows
         return prompt
-    return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+    return next(m["content"] for m in prompt if m["role"] == "user")
 
 
 def task_output(name: str, row: dict) -> str:

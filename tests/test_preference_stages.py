@@ -20,7 +20,7 @@ from alignkit.data import load_preference_data
 from alignkit.errors import RecipeError
 from alignkit.evaluation import evaluate_generations
 from alignkit.feedback import RewardModel, RewardModelJudge, win_rates
-from alignkit.recipe import load_recipe
+from alignkit.recipe import ModelSettings, load_recipe
 from alignkit.stages.dpo import LOSS_TYPES
 
 NO_CHECKPOINTS = ("train.save_strategy=no", "train.eval_strategy=no")
@@ -229,3 +229,11 @@ def test_reward_model_trains_fully_or_on_a_4bit_base_and_loads_back(tmp_path, ad
     flips = 4 if "adapter={method: qlora}" in adapter else 1
     assert sum(c > r for c, r in zip(chosen, rejected)) / 64 == pytest.approx(metrics["rm/accuracy"],
                                                                              abs=(flips + 0.01) / 64)
+
+
+def test_a_run_merged_into_its_base_trains_in_full(sft_run):
+    # peft freezes the base to load an adapter; once merged the model must be trainable again, or a full
+    # fine-tune from a run dir (adapter method none, run_adapter merge) has nothing to train.
+    model, _, keeps_adapter = modeling.load_run_for_training(
+        ModelSettings(name_or_path=str(sft_run), run_adapter="merge"), "causal_lm", gradient_checkpointing=False)
+    assert not keeps_adapter and all(param.requires_grad for param in model.parameters())

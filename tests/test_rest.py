@@ -8,7 +8,9 @@ import json
 import pytest
 from conftest import REPO, kill_when_written, metrics_of, run_cli
 
+from alignkit.demo.rewards import reversal_reward
 from alignkit.errors import RecipeError
+from alignkit.feedback import round_robin_scores
 from alignkit.recipe import load_recipe
 from alignkit.rest import RestSettings, Sample, keep_samples
 
@@ -115,3 +117,54 @@ def test_killed_rest_run_resumes_after_its_last_improve_step(noisy_sft_run, tmp_
     assert [(e["step"], e["grow"]) for e in log] == [(1, 1), (2, 2), (3, 3)]  # each once, none lost or repeated
     assert (run_dir / "grow-1" / "samples.jsonl").read_text() == first_samples  # grow 1 was not redone
     assert metrics_of(run_dir)["rest/improve_steps"] == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring samples with a judge
+# --------------------------------------------------------------------------------------------------
+
+
+class CountingJudge:
+    """Prefers the longer answer (1 / 0 / 0.5) and counts the pairs it was asked about."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def compare(self, prompts, first, second):
+        self.asked += len(prompts)
+        return [1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5 for a, b in zip(first, second)]
+
+
+def test_a_judge_scores_each_sample_by_its_mean_preference_over_its_siblings():
+    judge = CountingJudge()
+    answers = ["a", "a b c", "a b", "a b", "x", "x", "x y", "x y z w"]
+    scores = round_robin_scores(judge, [PROMPT] * 8, answers, 4)
+    # Prompt 0: "a b c" beats all three (1.0); each "a b" beats "a", loses to "a b c", ties the other (0.5).
+    assert scores[:4] == pytest.approx([0.0, 1.0, 0.5, 0.5])
+    assert scores[4:] == pytest.approx([0.5 / 3, 0.5 / 3, 2 / 3, 1.0])
+    assert judge.asked == 10  # 12 pairs, of which two hold identical answers: tied without asking
+    with pytest.raises(ValueError, match="7 answers to 7 prompts is not 4"):
+        round_robin_scores(judge, [PROMPT] * 7, answers[:7], 4)
+
+
+def test_rest_with_a_judge_keeps_the_samples_it_ranks_highest(noisy_sft_run, tmp_path):
+    run_dir = tmp_path / "run"
+    judge = "rest.judge={kind: rule, function: 'alignkit.demo.rewards:reversal_reward'}"
+    args = ["rest", DEMO_REST, f"model.name_or_path={noisy_sft_run}", f"train.output_dir={run_dir}", judge,
+            "rest.improve_steps=1", "rest.filter=best_of_n", "rest.prompts_per_grow=32", "train.max_steps=4",
+            "train.save_strategy=no", "evaluate.max_samples=8"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = [json.loads(line) for line in (run_dir / "grow-1" / "samples.jsonl").read_text().splitlines()]
+    # Each sample's score is its win rate against its prompt's three other samples under the rule.
+    rule = [reversal_reward([s["prompt"]], [s["completion"]])[0] for s in samples]
+    for index, sample in enumerate(samples):
+        group = range(index - index % 4, index - index % 4 + 4)
+        wins = sum(1.0 if rule[index] > rule[j] else 0.0 if rule[index] < rule[j] else 0.5
+                   for j in group if j != index)
+        assert sample["reward"] == pytest.approx(wins / 3)
+    # The reward section still monitors the held-out answers.
+    assert "rest/eval_reward_end" in metrics_of(run_dir)
+
+    nothing = run_cli(*args[:3], f"train.output_dir={tmp_path / 'unscored'}", "reward=null")
+    assert nothing.returncode != 0 and "rest needs something to score samples with" in nothing.stderr

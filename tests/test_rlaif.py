@@ -12,6 +12,7 @@ from conftest import REPO, kill_when_written, metrics_of, run_cli, run_ok
 
 from alignkit.errors import RecipeError
 from alignkit.feedback import RewardModel
+from alignkit.feedback.revision import RevisionSettings, critique_and_revise
 from alignkit.recipe import load_recipe
 from alignkit.rlaif import Pair, confident_pairs, label_agreement, make_pairs, preference_row
 
@@ -95,11 +96,47 @@ def test_reward_model_objective_takes_the_reward_trainers_options():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_rlaif_with_a_rule_judge_writes_the_labelled_pairs_and_trains(noisy_sft_run, tmp_path):
+def test_demo_rlaif_dpo_on_pairs_labelled_by_the_llm_judge_raises_the_rule_reward(noisy_sft_run, demo_judge_run,
+                                                                                  tmp_path):
+    """recipes/demo/rlaif.yaml as shipped: the demo LLM judge labels pairs of the noisy policy's answers (the
+    rule only monitors). Observed on 2 busy cores (1.6 min): held-out greedy rule reward 0.171 -> 0.523 -> 0.578
+    over the two iterations, keeping 356 and 538 of ~980 judged pairs, of which 77% and 79% agree with the
+    rule. (With the rule itself as judge, every label right: 0.171 -> 0.439 -> 0.582.)"""
+    run_dir = tmp_path / "run"
+    run_ok("rlaif", DEMO_RLAIF, f"model.name_or_path={noisy_sft_run}", f"rlaif.judge.model={demo_judge_run}",
+           f"train.output_dir={run_dir}", "train.save_strategy=no")
+    metrics = metrics_of(run_dir)
+    log = [json.loads(line) for line in (run_dir / "rlaif_log.jsonl").read_text().splitlines()]
+    print(f"rlaif demo: {metrics}\n{log}")
+    start = metrics["rlaif/eval_reward_start"]
+    assert start < 0.3
+    assert all(entry["eval_reward"] >= start + 0.2 for entry in log)
+    assert metrics["rlaif/eval_reward_end"] >= start + 0.25
+    # The labels come from the judge, not the rule; most of them agree with it.
+    assert all(entry["label_agreement"] >= 0.65 and entry["judge_skipped"] == 0 for entry in log)
+
+
+def test_rlaif_with_a_rule_judge_revises_then_writes_the_labelled_pairs_and_trains(noisy_sft_run, tmp_path):
+    """One iteration with the critique -> revision step first. The tiny demo policy cannot critique anything:
+    this checks the data flow (rewrites written, the policy fine-tuned on them, then sampled, paired, judged,
+    filtered and trained with DPO)."""
     run_dir = tmp_path / "run"
     run_ok("rlaif", DEMO_RLAIF, f"model.name_or_path={noisy_sft_run}", f"train.output_dir={run_dir}", RULE_JUDGE,
            "rlaif.iterations=1", "rlaif.prompts_per_iteration=64", "train.max_steps=8", "train.save_strategy=no",
-           "evaluate.max_samples=16")
+           "evaluate.max_samples=16", "rlaif.revision={prompts: 16, generation: {max_new_tokens: 8}, "
+           "sft: {max_steps: 3, save_strategy: 'no'}}")
+    # The revision step: 16 answers critiqued and rewritten, the SFT rows are the non-empty rewrites.
+    rows = [json.loads(line) for line in (run_dir / "revision" / "revisions.jsonl").read_text().splitlines()]
+    revised = [json.loads(line) for line in (run_dir / "revision" / "revised.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and all(len(row["critiques"]) == 1 for row in rows if row["answer"].strip())
+    assert [r["messages"][-1]["content"] for r in revised] == [row["revisions"][-1] for row in rows
+                                                                if row["revisions"] and row["revisions"][-1].strip()]
+    log = [json.loads(line) for line in (run_dir / "rlaif_log.jsonl").read_text().splitlines()]
+    assert [entry["iteration"] for entry in log] == [0, 1] and log[0]["train_steps"] == 3
+    state = json.loads((run_dir / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["history"][0]["step"] == "revision"  # iteration 1 sampled from the revised policy
+
+    # The iteration: samples, every judged pair, the kept ones as preference rows.
     iteration = run_dir / "iteration-1"
     samples = [json.loads(line) for line in (iteration / "samples.jsonl").read_text().splitlines()]
     pairs = [json.loads(line) for line in (iteration / "pairs.jsonl").read_text().splitlines()]
@@ -114,15 +151,18 @@ def test_rlaif_with_a_rule_judge_writes_the_labelled_pairs_and_trains(noisy_sft_
     assert len(kept) == sum(p["confidence"] >= 0.2 for p in pairs)
     metrics = metrics_of(run_dir)
     assert metrics["rlaif/pairs_kept_end"] == len(kept) and metrics["rlaif/label_agreement_end"] == 1.0
+    assert metrics["rlaif/revised_answers"] == len(revised) > 0
     assert {"rlaif/eval_reward_start", "rlaif/eval_reward_end"} <= set(metrics)
     # The run dir is the policy: the iteration's adapter, on the original base.
-    assert (run_dir / "adapter_model.safetensors").read_bytes() == (iteration / "adapter_model.safetensors").read_bytes()
+    adapter = "adapter_model.safetensors"
+    assert (run_dir / adapter).read_bytes() == (iteration / adapter).read_bytes()
     assert (run_dir / "rlaif_reward.svg").is_file()
 
 
 def test_rlaif_reward_model_objective_learns_the_ai_labels(noisy_sft_run, tmp_path):
     run_dir = tmp_path / "rm"
-    run_ok("rlaif", DEMO_RLAIF, f"model.name_or_path={noisy_sft_run}", RULE_JUDGE, "rlaif.objective=rm", "rlaif.iterations=1", "rlaif.prompts_per_iteration=300", "model.run_adapter=merge",
+    run_ok("rlaif", DEMO_RLAIF, f"model.name_or_path={noisy_sft_run}", RULE_JUDGE, "rlaif.objective=rm",
+           "rlaif.iterations=1", "rlaif.prompts_per_iteration=200", "model.run_adapter=merge",
            "adapter={method: lora, r: 16, lora_alpha: 32, target_modules: all-linear}",
            # A reward model's train section is RewardConfig's: the demo's DPO one is replaced whole.
            f"train={{output_dir: '{run_dir}', max_steps: 60, learning_rate: 3.0e-3, save_strategy: 'no', "
@@ -153,3 +193,41 @@ def test_killed_rlaif_run_resumes_after_its_last_iteration(noisy_sft_run, tmp_pa
     assert [entry["iteration"] for entry in log] == [1, 2, 3]  # each once, none lost or repeated
     assert (run_dir / "iteration-1" / "pairs.jsonl").read_text() == first_pairs  # iteration 1 was not redone
     assert metrics_of(run_dir)["rlaif/iterations"] == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# Critique -> revision (Constitutional AI's supervised stage)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_critique_then_revision_continues_the_conversation_round_by_round(monkeypatch):
+    asked: list[list[dict]] = []
+
+    def scripted(model, tokenizer, conversations, settings):
+        # Critiques name the answer they read; revisions append "+"; the answer "stop" gets an empty critique.
+        replies = []
+        for conversation in conversations:
+            asked.append(conversation)
+            if conversation[-1]["content"].startswith("Critique"):
+                latest = conversation[-2]["content"]
+                replies.append("" if latest == "stop" else f"critique of {latest}")
+            else:
+                replies.append(conversation[-4]["content"] + "+")
+        return replies
+
+    monkeypatch.setattr("alignkit.generation.generate", scripted)
+    settings = RevisionSettings(constitution="Be right.", critique_request="Critique by: {constitution}",
+                                revision_request="Revise by: {constitution}", rounds=2)
+    [revised, stopped, empty] = critique_and_revise(None, None, [PROMPT] * 3, ["c a b", "stop", " "], settings)
+    assert revised.critiques == ["critique of c a b", "critique of c a b+"]
+    assert revised.revisions == ["c a b+", "c a b++"] and revised.final == "c a b++"
+    assert stopped.critiques == [""] and stopped.revisions == [] and stopped.final == ""
+    assert empty.critiques == [] and empty.final == ""  # an empty answer is not critiqued
+    # The second round's revision request: the prompt, the latest answer (round 1's revision), the critique
+    # request, its critique, the revision request.
+    assert asked[-1] == [*PROMPT, {"role": "assistant", "content": "c a b+"},
+                         {"role": "user", "content": "Critique by: Be right."},
+                         {"role": "assistant", "content": "critique of c a b+"},
+                         {"role": "user", "content": "Revise by: Be right."}]
+    with pytest.raises(RecipeError, match="unknown key 'max_step' in section 'rlaif.revision.sft'"):
+        RevisionSettings(sft={"max_step": 3})

@@ -217,7 +217,13 @@ def merge_adapter(model, path: str | Path):
     config = PeftConfig.from_pretrained(str(path))
     if config.task_type == "CAUSAL_LM" and not hasattr(model, "prepare_inputs_for_generation"):
         config.task_type = None
-    return PeftModel.from_pretrained(model, str(path), config=config).merge_and_unload()
+    trainable = {name: param.requires_grad for name, param in model.named_parameters()}
+    merged = PeftModel.from_pretrained(model, str(path), config=config).merge_and_unload()
+    # peft froze the base to load the adapter; the merged model is a plain model again and trains as the one
+    # passed in would (a full fine-tune from a run dir needs its weights trainable; a new adapter freezes them).
+    for name, param in merged.named_parameters():
+        param.requires_grad_(trainable.get(name, param.requires_grad))
+    return merged
 
 
 def load_for_inference(settings: ModelSettings):

@@ -9,6 +9,11 @@
 
 ``best_of_n`` keeps each prompt's ``top_k`` highest-rewarded samples (RAFT, best-of-N rejection sampling);
 with one improve step per grow step it is the usual iterated rejection-sampling fine-tune.
+
+Samples are scored by the recipe's ``reward:`` section (reward models, rule functions), or, with
+``rest.judge``, by a pairwise judge: each sample's score is then its mean preference over the other samples of
+its prompt (``alignkit.feedback.round_robin_scores``, in [0, 1]), and a ``reward:`` section, if any, only
+monitors the held-out answers.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from alignkit.feedback.settings import JudgeSettings
 from alignkit.recipe import GenerationSettings
 
 
@@ -65,11 +71,18 @@ class RestSettings:
     generation: GenerationSettings = field(
         default_factory=_sampling, metadata={"help": "How grow steps sample (do_sample true; temperature, top_p...)."}
     )
+    judge: JudgeSettings | None = field(
+        default=None,
+        metadata={"help": "Score samples with a pairwise judge instead of the reward section: a sample's score is its "
+                  "mean preference over its prompt's other samples, in [0, 1] (null: the reward section scores)."},
+    )
 
     def __post_init__(self) -> None:
         for name in ("grow_steps", "improve_steps", "samples_per_prompt", "top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.judge is not None and self.samples_per_prompt < 2:
+            raise ValueError("a judge ranks a prompt's samples against each other: samples_per_prompt must be >= 2")
         if self.prompts_per_grow is not None and self.prompts_per_grow < 1:
             raise ValueError(f"prompts_per_grow must be >= 1 or null, got {self.prompts_per_grow}")
         if not self.generation.do_sample:

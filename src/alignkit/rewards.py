@@ -142,6 +142,19 @@ def weighted_reward(functions: Sequence[RewardFunction], weights: Sequence[float
     return total, means
 
 
+def monitoring_reward(settings: RewardSettings | None) -> Callable[..., list[float]] | None:
+    """``reward(prompts, completions, columns) -> rewards``, the weighted sum of the ``reward:`` section's sources
+    (imported now, so a bad import path fails before any model loads); None without a section."""
+    if settings is None:
+        return None
+    functions = load_reward_functions(settings)
+
+    def reward(prompts: list, completions: list[str], columns: dict[str, list]) -> list[float]:
+        return weighted_reward(functions, settings.weights, prompts, completions, columns)[0]
+
+    return reward
+
+
 def _check_signature(function: RewardFunction, path: str) -> None:
     try:
         signature = inspect.signature(function)

@@ -7,6 +7,7 @@
       min_confidence: 0.2        # keep pairs the judge decided with |2p - 1| >= 0.2
       objective: dpo             # dpo: train the policy on the pairs; rm: train a reward model (for ppo)
       judge: {kind: llm, model: runs/demo-judge, constitution: ...}
+      revision: {constitution: ..., rounds: 1, sft: {max_steps: 100}}   # optional: critique -> revision SFT first
 
 A judge returns ``p``, the probability that the first answer is the better one; the pair's label is the
 answer it prefers and its *confidence* is ``|2p - 1|`` (0: a tie, 1: certain). Every judged pair is written
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from alignkit.feedback.revision import RevisionSettings
 from alignkit.feedback.settings import JudgeSettings
 from alignkit.recipe import GenerationSettings
 
@@ -64,6 +66,12 @@ class RlaifSettings:
     )
     generation: GenerationSettings = field(
         default_factory=_sampling, metadata={"help": "How answers are sampled (do_sample true; temperature, top_p...)."}
+    )
+    revision: RevisionSettings | None = field(
+        default=None,
+        metadata={"help": "Constitutional AI's supervised stage before the first iteration: the policy (or "
+                  "revision.model) critiques and rewrites its answers against revision.constitution, and the policy "
+                  "is fine-tuned on the rewrites (null: no such step)."},
     )
 
     def __post_init__(self) -> None:

@@ -235,6 +235,81 @@ def reverse_prompts(split: str) -> list[dict]:
     return [{"prompt": _reverse_prompt(phrase)} for phrase in _unique_draws(split, _random_phrase)]
 
 
+# The demo judge (issue 6): the tiny model fine-tuned to answer "which answer reverses the words, 1 or 2?",
+# an LLM judge that runs on a CPU. Its questions are built by the same code the LLMJudge asks with
+# (alignkit.feedback.template), so it is trained on exactly what it is later asked. The short template and
+# constitution are the demo's own (the default template costs the demo tokenizer, which spells English
+# letter by letter, twice the tokens); a recipe using the judge must give the same text, with
+# chain_of_thought on (the judge checks each answer before it names one, see judge_rationale).
+DEMO_JUDGE_TEMPLATE = "{constitution}\n{prompt}\n{option_1}: {answer_1}\n{option_2}: {answer_2}"
+DEMO_JUDGE_CONSTITUTION = "The right answer reverses the words."
+# How the question asks for that check: short, because the demo tokenizer spells English letter by letter and
+# the default instruction would be a third of every question.
+DEMO_JUDGE_REASONING = "Check each answer."
+# Longest check the judge writes: two lines of "k:", up to 6 words and a mark, and its <|end|>.
+DEMO_JUDGE_MAX_NEW_TOKENS = 24
+
+
+def reverse_judge_pairs(split: str) -> list[dict]:
+    """Pairs for the demo judge: a reversal prompt, its right answer, a corrupted one (``kind``, in turn each of
+    :data:`CORRUPTIONS`) and the order they are shown in (``right_first``; each kind is shown first as often as
+    second). The phrases are reverse/sft's, so a held-out pair's prompt is in no training split of the reversal
+    sets."""
+    rng = random.Random(f"reverse-judge-{split}")
+    pairs = []
+    for index, phrase in enumerate(_unique_draws(split, _random_phrase)):
+        kind = CORRUPTIONS[index % len(CORRUPTIONS)]
+        pairs.append({"prompt": _reverse_prompt(phrase), "right": " ".join(reversed(phrase)),
+                      "wrong": " ".join(corrupt_reversal(phrase, kind, rng)), "kind": kind,
+                      "right_first": index // len(CORRUPTIONS) % 2 == 0})
+    return pairs
+
+
+def judge_rationale(prompt: list[dict] | str, answer_1: str, answer_2: str) -> str:
+    """The demo judge's chain of thought: one line per answer, ``k:`` then the words of the answer that agree
+    with the right reversal up to its first mistake, then ``+`` if the answer is the right reversal, else ``-``.
+
+    For ``reverse: a b c`` with answers ``c b a`` and ``c a b``: ``"1: c b a+\n2: c-"``. It is dense,
+    token-level supervision that a ~1M model learns from scratch: each word is the next word of the reversal
+    where the answer agrees with it (a step of reversing and a step of copying the answer vote for the same
+    word), and the mark is where they disagree; the verdict then only reads the marks.
+    """
+    from alignkit.demo.rewards import completion_words, reversal_answer  # lazy: rewards imports this module
+
+    right = reversal_answer(prompt)
+
+    def line(option: str, answer: str) -> str:
+        words, agreed = completion_words(answer), 0
+        while agreed < min(len(words), len(right)) and words[agreed] == right[agreed]:
+            agreed += 1
+        return f"{option}:{''.join(' ' + word for word in words[:agreed])}{'+' if words == right else '-'}"
+
+    return f"{line('1', answer_1)}\n{line('2', answer_2)}"
+
+
+def reverse_judge(split: str) -> list[dict]:
+    """Chain-of-thought SFT rows for the demo judge, each :func:`reverse_judge_pairs` pair in both orders (the
+    shown order first): the LLM judge's question (:data:`DEMO_JUDGE_TEMPLATE`, :data:`DEMO_JUDGE_CONSTITUTION`,
+    options "1" and "2", reasoning asked for with :data:`DEMO_JUDGE_REASONING`), the check of both answers
+    (:func:`judge_rationale`), the judge's request for a label and, as the last answer, the right answer's
+    label."""
+    # Lazy: keeps the demo builder free of judge code.
+    from alignkit.feedback.template import answer_instruction, judge_question
+
+    rows = []
+    for pair in reverse_judge_pairs(split):
+        for right_first in (pair["right_first"], not pair["right_first"]):
+            shown = (pair["right"], pair["wrong"]) if right_first else (pair["wrong"], pair["right"])
+            question = judge_question(pair["prompt"], *shown, template=DEMO_JUDGE_TEMPLATE,
+                                      constitution=DEMO_JUDGE_CONSTITUTION, options=("1", "2"), reasoning=True,
+                                      reasoning_instruction=DEMO_JUDGE_REASONING)
+            rows.append({"messages": [{"role": "user", "content": question},
+                                      {"role": "assistant", "content": judge_rationale(pair["prompt"], *shown)},
+                                      {"role": "user", "content": answer_instruction(("1", "2"))},
+                                      {"role": "assistant", "content": "1" if right_first else "2"}]})
+    return rows
+
+
 # name -> generator(split) -> rows. Rows are in one of the formats the data layer normalises.
 DEMO_DATASETS: dict[str, Callable[[str], list[dict]]] = {
     "reverse/sft": reverse_sft,
@@ -245,6 +320,7 @@ DEMO_DATASETS: dict[str, Callable[[str], list[dict]]] = {
     "reverse/unpaired": reverse_unpaired,
     "reverse/rated": reverse_rated,
     "reverse/prompts": reverse_prompts,
+    "reverse/judge": reverse_judge,
 }
 
 DEMO_SPLITS: tuple[str, ...] = tuple(_SPLIT_SIZES)

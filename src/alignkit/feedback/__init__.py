@@ -1,13 +1,16 @@
 """Feedback on generated answers: reward models as scorers, and judges that compare two answers.
 
 Every judge has ``compare(prompts, first, second) -> list[float]``: per prompt (a message list), the
-probability that ``first`` is the better answer, 0.5 for a tie. They are used by the evaluation's win rate
-and, later, by the RLAIF and ReST stages.
+probability that ``first`` is the better answer, 0.5 for a tie. They are used by the evaluation's win rate,
+the ``rlaif`` stage (labelling pairs) and the ``rest`` stage (ranking samples).
 
 - ``RewardModelJudge``: a reward model (``RewardModel.load(run_dir)``), ``sigmoid(r_first - r_second)``.
 - ``LLMJudge``: a causal LM asked which answer is better under a constitution, read from the
   probabilities of the option tokens, in both orders to cancel position bias.
 - ``RuleJudge``: a reward function by import path (TRL's signature), the higher score wins.
+
+``round_robin_scores`` turns any judge into a scorer of several answers per prompt (each answer's mean
+preference over its siblings), which is how ReST ranks samples with a judge.
 
 A recipe describes one with ``JudgeSettings``; ``load_judge`` builds it.
 
@@ -16,7 +19,7 @@ Modules: ``base`` (protocol, stats, win rates), ``reward_model``, ``template`` (
 imports this package for the judge settings of ``evaluate:``.
 """
 
-from alignkit.feedback.base import Judge, JudgeStats, Messages, win_rates
+from alignkit.feedback.base import Judge, JudgeStats, Messages, round_robin_scores, win_rates
 from alignkit.feedback.llm import LLMJudge, option_tokens
 from alignkit.feedback.reward_model import RewardModel, RewardModelJudge
 from alignkit.feedback.rule import RuleJudge
@@ -37,5 +40,6 @@ __all__ = [
     "judge_question",
     "load_judge",
     "option_tokens",
+    "round_robin_scores",
     "win_rates",
 ]

@@ -68,6 +68,29 @@ def check_lengths(prompts: Sequence, first: Sequence, second: Sequence) -> None:
         raise ValueError(f"{len(prompts)} prompts but {len(first)} first and {len(second)} second answers")
 
 
+def round_robin_scores(judge: Judge, prompts: Sequence[Messages], answers: Sequence[str],
+                       group_size: int) -> list[float]:
+    """Score answers with a pairwise judge: each answer's mean preference over the other answers to its prompt
+    (its expected win rate against them, in [0, 1]).
+
+    ``prompts`` / ``answers`` hold ``group_size`` consecutive answers per prompt. Every two answers of a group
+    are compared once, in one batch for all groups; two identical answers tie (0.5) without asking the judge.
+    This is how ReST and best-of-N rank samples when the recipe names a judge instead of a reward.
+    """
+    if len(prompts) != len(answers) or group_size < 2 or len(answers) % group_size:
+        raise ValueError(f"{len(answers)} answers to {len(prompts)} prompts is not {group_size} (>= 2) per prompt")
+    asked = [(i, j) for start in range(0, len(answers), group_size)
+             for i in range(start, start + group_size) for j in range(i + 1, start + group_size)
+             if answers[i].strip() != answers[j].strip()]
+    preferences = judge.compare([prompts[i] for i, _ in asked], [answers[i] for i, _ in asked],
+                                [answers[j] for _, j in asked]) if asked else []
+    totals = [0.5 * (group_size - 1)] * len(answers)  # every pair starts as a tie
+    for (i, j), p in zip(asked, preferences):
+        totals[i] += p - 0.5
+        totals[j] += 0.5 - p
+    return [total / (group_size - 1) for total in totals]
+
+
 def win_rates(preferences: Sequence[float], tie_margin: float = 0.0) -> dict[str, float]:
     """Win / tie / loss rates of the first answers from a judge's preference probabilities.
 

@@ -21,6 +21,7 @@ from alignkit.feedback.base import JudgeStats, Messages, check_lengths
 from alignkit.feedback.template import (
     DEFAULT_CONSTITUTION,
     DEFAULT_TEMPLATE,
+    REASONING_INSTRUCTION,
     answer_instruction,
     check_template,
     judge_question,
@@ -100,6 +101,7 @@ class LLMJudge:
     options: tuple[str, str] = ("1", "2")
     swap: bool = True
     chain_of_thought: bool = False
+    reasoning_instruction: str = REASONING_INSTRUCTION
     max_new_tokens: int = 256
     batch_size: int = 16
     max_length: int | None = None
@@ -167,7 +169,8 @@ class LLMJudge:
         of thought, the model's reasoning is generated here, greedily)."""
         asked = [[{"role": "user", "content": judge_question(
             prompt, a, b, template=self.template, constitution=self.constitution, options=self.options,
-            reasoning=self.chain_of_thought)}] for prompt, a, b in zip(prompts, first, second)]
+            reasoning=self.chain_of_thought, reasoning_instruction=self.reasoning_instruction)}]
+            for prompt, a, b in zip(prompts, first, second)]
         if not self.chain_of_thought or not asked:
             return asked
         from alignkit.generation import generate

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from alignkit.feedback.base import Judge
-from alignkit.feedback.template import DEFAULT_CONSTITUTION, DEFAULT_TEMPLATE, check_template
+from alignkit.feedback.template import DEFAULT_CONSTITUTION, DEFAULT_TEMPLATE, REASONING_INSTRUCTION, check_template
 
 JudgeKind = Literal["llm", "reward_model", "rule"]
 
@@ -68,6 +68,11 @@ class JudgeSettings:
     chain_of_thought: bool = field(
         default=False,
         metadata={"help": "LLM judge: have it explain first (greedy, up to max_new_tokens), then read its verdict."},
+    )
+    reasoning_instruction: str = field(
+        default=REASONING_INSTRUCTION,
+        metadata={"help": "LLM judge with chain_of_thought: how the question asks for the explanation that comes "
+                  "before the verdict."},
     )
     max_new_tokens: int = field(default=256, metadata={"help": "LLM judge: longest chain-of-thought explanation."})
     max_length: int | None = field(
@@ -126,5 +131,6 @@ def load_judge(settings: JudgeSettings) -> Judge:
 
     return LLMJudge.load(settings.model, template=settings.template, constitution=settings.constitution,
                          options=tuple(settings.options), swap=settings.swap,
-                         chain_of_thought=settings.chain_of_thought, max_new_tokens=settings.max_new_tokens,
+                         chain_of_thought=settings.chain_of_thought,
+                         reasoning_instruction=settings.reasoning_instruction, max_new_tokens=settings.max_new_tokens,
                          batch_size=settings.batch_size, max_length=settings.max_length)

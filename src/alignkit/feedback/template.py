@@ -76,16 +76,18 @@ def render_prompt(prompt: str | Sequence[dict[str, Any]]) -> str:
 
 def judge_question(prompt: str | Sequence[dict[str, Any]], answer_1: str, answer_2: str, *,
                    template: str = DEFAULT_TEMPLATE, constitution: str = DEFAULT_CONSTITUTION,
-                   options: Sequence[str] = ("1", "2"), reasoning: bool = False) -> str:
+                   options: Sequence[str] = ("1", "2"), reasoning: bool = False,
+                   reasoning_instruction: str = REASONING_INSTRUCTION) -> str:
     """The user turn that asks a judge which of two answers to ``prompt`` is better.
 
     ``answer_1`` is shown under ``options[0]``, ``answer_2`` under ``options[1]``. With ``reasoning`` the
-    question asks for an explanation first (chain of thought), otherwise for a label straight away.
+    question ends with ``reasoning_instruction`` (chain of thought: explain first), otherwise it asks for a
+    label straight away.
     """
     option_1, option_2 = options
     body = template.format(constitution=constitution, prompt=render_prompt(prompt), answer_1=answer_1,
                            answer_2=answer_2, option_1=option_1, option_2=option_2)
-    closing = REASONING_INSTRUCTION if reasoning else answer_instruction(options)
+    closing = reasoning_instruction if reasoning else answer_instruction(options)
     return f"{body}\n{closing}"
 
 

@@ -33,7 +33,7 @@ from alignkit.data import load_prompt_data, load_sft_data
 from alignkit.errors import RecipeError
 from alignkit.recipe import DataSettings, DataSource, Recipe
 from alignkit.rest import RestSettings, Sample, keep_samples
-from alignkit.rewards import RewardSettings, load_reward_functions, weighted_reward
+from alignkit.rewards import RewardSettings, monitoring_reward
 from alignkit.runs import RunDir, last_checkpoint
 from alignkit.stages import Stage
 from alignkit.stages.iterative import (
@@ -56,17 +56,17 @@ LOG_FILE, SAMPLES_FILE, KEPT_FILE = "rest_log.jsonl", "samples.jsonl", "kept.jso
 
 def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     settings: RestSettings = recipe.sections["rest"]
-    reward_settings: RewardSettings = recipe.sections["reward"]
-    functions = load_reward_functions(reward_settings)  # a bad import path fails before anything loads
+    reward = monitoring_reward(recipe.sections.get("reward"))  # a bad import path fails before anything loads
+    if reward is None and settings.judge is None:
+        raise RecipeError("rest needs something to score samples with: a reward section (reward models, rule "
+                          "functions) or rest.judge")
+    score = reward if settings.judge is None else _judge_scorer(settings)
     data = load_prompt_data(recipe.data)
     training.record_data(run_dir, data)
     held_out = held_out_prompts(data.eval, recipe)
 
-    def reward(prompts: list, completions: list[str], columns: dict[str, list]) -> list[float]:
-        return weighted_reward(functions, reward_settings.weights, prompts, completions, columns)[0]
-
     def held_out_reward(model, tokenizer) -> float | None:
-        if held_out is None or len(held_out) == 0:
+        if held_out is None or len(held_out) == 0 or reward is None:
             return None
         return held_out_mean_reward(model, tokenizer, held_out, reward, recipe, settings.generation.max_new_tokens)
 
@@ -79,7 +79,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     for grow in range(1, settings.grow_steps + 1):
         if grow * settings.improve_steps <= step:
             continue  # this grow step and all its improve steps were done before an interruption
-        samples = _grow(recipe, settings, run_dir, grow, state["policy"], data.train, reward)
+        samples = _grow(recipe, settings, run_dir, grow, state["policy"], data.train, score)
         for improve in range(1, settings.improve_steps + 1):
             if step >= (grow - 1) * settings.improve_steps + improve:
                 continue
@@ -89,6 +89,25 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
             state = {**state, "completed": step, "policy": policy, "history": [*state["history"], entry]}
             save_loop_state(run_dir, step, state, LOG_FILE)
     return _finish(recipe, run_dir, state)
+
+
+def _judge_scorer(settings: RestSettings):
+    """``score(prompts, answers, columns)`` from ``rest.judge``: each sample's mean preference over its prompt's
+    other samples. The judge loads on first use (a resumed run whose samples are scored never loads it)."""
+    from alignkit.feedback import load_judge, round_robin_scores
+
+    judges = []
+
+    def score(prompts: list, answers: list[str], columns: dict[str, list]) -> list[float]:
+        if not judges:
+            judges.append(load_judge(settings.judge))
+        scores = round_robin_scores(judges[0], prompts, answers, settings.samples_per_prompt)
+        stats = getattr(judges[0], "stats", None)
+        if stats is not None and stats.skipped:
+            logger.warning("rest judge: %s", stats.summary())
+        return scores
+
+    return score
 
 
 # ---- grow: sample and score ---------------------------------------------------------------------------------
@@ -182,4 +201,4 @@ def _finish(recipe: Recipe, run_dir: RunDir, state: dict[str, Any]) -> dict[str,
 
 STAGE = Stage(name="rest", help="ReST / best-of-N: sample, keep the best answers, fine-tune (TRL SFTTrainer)",
               train_config=lambda: SFTConfig, run=run, sections={"reward": RewardSettings, "rest": RestSettings},
-              required_sections=("reward", "rest"))
+              required_sections=("rest",))

@@ -9,6 +9,12 @@ train a reward model, ``objective: rm``) -> the held-out reward, when the recipe
 monitor with (it never labels anything) -> run dir with the final policy (or reward model),
 ``rlaif_log.jsonl``, ``rlaif_reward.svg`` and ``metrics.json``.
 
+With ``rlaif.revision`` the loop starts with Constitutional AI's supervised stage: the policy answers
+``revision.prompts`` prompts, the policy (or ``revision.model``) critiques each answer against the
+constitution and rewrites it, and the policy is fine-tuned on the rewrites (TRL's SFT) in ``revision/``
+(``revisions.jsonl``: answer, critiques, revisions; ``revised.jsonl``: the SFT rows); iteration 1 samples
+from the revised policy.
+
 Run dir layout: ``iteration-<i>/samples.jsonl`` (every sampled answer), ``pairs.jsonl`` (every judged pair:
 the two answers, P(first is better), confidence, and the monitoring rewards), ``label_counts.json`` (answers
 that could not be paired, the judge's skips), ``preferences.jsonl`` (the kept
@@ -33,14 +39,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
+from transformers import TrainingArguments
+from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
 from alignkit import modeling, training
-from alignkit.data import load_preference_data, load_prompt_data
+from alignkit.data import load_preference_data, load_prompt_data, load_sft_data
 from alignkit.errors import RecipeError
 from alignkit.feedback import Judge, load_judge
-from alignkit.recipe import DataSettings, DataSource, Recipe, is_run_with_adapter
-from alignkit.rewards import RewardSettings, load_reward_functions, weighted_reward
+from alignkit.feedback.revision import Revision, RevisionSettings, critique_and_revise
+from alignkit.generation import generate
+from alignkit.recipe import DataSettings, DataSource, ModelSettings, Recipe, is_run_with_adapter
+from alignkit.rewards import RewardSettings, monitoring_reward
 from alignkit.rlaif import Pair, RlaifSettings, confident_pairs, label_agreement, make_pairs, preference_row
 from alignkit.runs import RunDir, last_checkpoint
 from alignkit.stages import Stage
@@ -62,11 +71,15 @@ logger = logging.getLogger(__name__)
 
 LOG_FILE, SAMPLES_FILE, PAIRS_FILE, COUNTS_FILE, PREFERENCES_FILE = (
     "rlaif_log.jsonl", "samples.jsonl", "pairs.jsonl", "label_counts.json", "preferences.jsonl")
+REVISION_DIR, REVISIONS_FILE, REVISED_FILE = "revision", "revisions.jsonl", "revised.jsonl"
+# What the revision fine-tune takes from the train section: transformers' own options (steps, batch sizes,
+# precision, logging...) and max_length. Not the DPO ones: a DPO loss_type means something else to SFT.
+SHARED_WITH_SFT = {f.name for f in dataclasses.fields(TrainingArguments) if f.init} | {"max_length"}
 
 
 def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     settings: RlaifSettings = recipe.sections["rlaif"]
-    monitor = _monitoring_reward(recipe.sections.get("reward"))
+    monitor = monitoring_reward(recipe.sections.get("reward"))
     if settings.objective == "rm" and is_run_with_adapter(recipe.model.name_or_path) \
             and recipe.model.run_adapter == "continue":
         raise RecipeError("rlaif objective rm starts a new reward head: to start from a run dir with an adapter, set "
@@ -89,6 +102,10 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
             start = held_out_reward(model, tokenizer)
             del model
         state = {"completed": 0, "policy": None, "eval_reward_start": start, "history": []}
+        if settings.revision is not None:
+            entry, revised = _revise(recipe, settings.revision, run_dir, data.train, held_out_reward)
+            state = {**state, "policy": revised, "history": [entry]}
+            save_loop_state(run_dir, 0, state, LOG_FILE)  # checkpoint-0: a resumed run starts from the revised policy
     for iteration in range(state["completed"] + 1, settings.iterations + 1):
         entry, trained = _iteration(recipe, settings, run_dir, iteration, state["policy"], data.train, judge, monitor,
                                     held_out_reward)
@@ -119,18 +136,6 @@ class _LazyJudge:
         summary = stats.summary()
         self.judge.stats = type(stats)()
         return summary
-
-
-def _monitoring_reward(settings: RewardSettings | None):
-    """``reward(prompts, answers, columns) -> rewards`` from the recipe's reward section, or None without one."""
-    if settings is None:
-        return None
-    functions = load_reward_functions(settings)  # a bad import path fails before anything loads
-
-    def reward(prompts: list, answers: list[str], columns: dict[str, list]) -> list[float]:
-        return weighted_reward(functions, settings.weights, prompts, answers, columns)[0]
-
-    return reward
 
 
 # ---- one iteration: sample, pair, judge, train --------------------------------------------------------------
@@ -218,12 +223,58 @@ def _train(recipe: Recipe, settings: RlaifSettings, out: Path, policy: str | Non
     return training.fit(step_recipe, run, config_class=DPOConfig, trainer_class=DPOTrainer, load_data=load_pairs)
 
 
+# ---- Constitutional AI's supervised stage ------------------------------------------------------------------
+
+def _revise(recipe: Recipe, revision: RevisionSettings, run_dir: RunDir, prompts_data,
+            held_out_reward) -> tuple[dict[str, Any], str]:
+    """Critique and revise the policy's answers, fine-tune the policy on the revisions (TRL's SFT) in
+    ``revision/``; (log entry, the revised policy's run dir)."""
+    out = run_dir.path / REVISION_DIR
+    path = out / REVISIONS_FILE
+    if path.is_file():
+        rows = read_jsonl(path)
+    else:
+        chosen = list(range(len(prompts_data)))
+        if revision.prompts is not None and revision.prompts < len(chosen):
+            chosen = sorted(random.Random(f"{recipe.data.seed}-rlaif-revision").sample(chosen, revision.prompts))
+        prompts = list(prompts_data.select(chosen)["prompt"])
+        model, tokenizer = modeling.load_for_inference(recipe.model)
+        answers = generate(model, tokenizer, prompts, revision.generation)
+        if revision.model is not None:
+            del model
+            model, tokenizer = modeling.load_for_inference(ModelSettings(name_or_path=revision.model))
+        rows = [dataclasses.asdict(r) for r in critique_and_revise(model, tokenizer, prompts, answers, revision)]
+        del model
+        write_jsonl(path, rows)
+    revised = [{"messages": [*row["prompt"], {"role": "assistant", "content": Revision(**row).final}]}
+               for row in rows if Revision(**row).final]
+    entry: dict[str, Any] = {"iteration": 0, "step": "revision", "answers": len(rows), "revised": len(revised),
+                             "unrevised": len(rows) - len(revised)}
+    logger.info("rlaif revision: %d of %d answers critiqued and rewritten", len(revised), len(rows))
+    if not revised:
+        raise RecipeError(f"rlaif revision: none of the {len(rows)} answers got a non-empty revision (see {path}); "
+                          "check revision.model, its requests and revision.generation.max_new_tokens")
+    write_jsonl(out / REVISED_FILE, revised)
+    # The SFT config: the train section's transformers options, then revision.sft's.
+    shared = {key: value for key, value in recipe.train.items() if key in SHARED_WITH_SFT}
+    step_recipe = dataclasses.replace(
+        recipe, data=DataSettings(train=[DataSource(path=str(out / REVISED_FILE), format="messages")],
+                                  seed=recipe.data.seed),
+        train={**shared, **revision.sft, "output_dir": str(out), "eval_strategy": "no"})
+    fitted = training.fit(step_recipe, RunDir(path=out, resume_from=last_checkpoint(out)), config_class=SFTConfig,
+                          trainer_class=SFTTrainer, load_data=load_sft_data)
+    entry |= {"trained": True, "train_loss": fitted.metrics.get("train/loss"),
+              "train_steps": fitted.metrics.get("train/global_step"),
+              "eval_reward": held_out_reward(fitted.trainer.model, fitted.tokenizer)}
+    return entry, str(out)
+
+
 # ---- results ------------------------------------------------------------------------------------------------
 
 def _finish(run_dir: RunDir, state: dict[str, Any]) -> dict[str, Any]:
     from alignkit.plots import write_line_plot
 
-    history = state["history"]
+    history = [entry for entry in state["history"] if entry["iteration"] > 0]  # not the revision step
     if state["policy"] is None:
         raise RecipeError("rlaif: the judge decided no pair confidently enough in any iteration, so nothing was "
                           "trained; lower rlaif.min_confidence or sample more (rlaif.samples_per_prompt)")
@@ -235,6 +286,11 @@ def _finish(run_dir: RunDir, state: dict[str, Any]) -> dict[str, Any]:
     for name in ("confidence", "label_agreement", "sample_reward"):
         if last.get(name) is not None:
             metrics[f"rlaif/{name}_end"] = last[name]
+    revision = next((entry for entry in state["history"] if entry["iteration"] == 0), None)
+    if revision is not None:
+        metrics["rlaif/revised_answers"] = revision["revised"]
+        if revision.get("eval_reward") is not None:
+            metrics["rlaif/revision_eval_reward"] = revision["eval_reward"]
     evaluated = [entry for entry in history if entry.get("eval_reward") is not None]
     if state["eval_reward_start"] is not None and evaluated:
         metrics["rlaif/eval_reward_start"] = state["eval_reward_start"]
