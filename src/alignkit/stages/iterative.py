@@ -2,7 +2,9 @@
 step continues the policy the previous one trained.
 
 - ``policy_settings``: the model settings of the current policy (the recipe's start, or a step's run dir);
+- ``draw_prompts``: the prompts of one step, a seeded draw;
 - ``sample_answers``: several sampled answers per prompt from that policy;
+- ``LazyJudge``: the recipe's judge, loaded when first asked;
 - ``held_out_mean_reward``: the mean reward of a model's answers to the held-out prompts;
 - ``write_jsonl`` / ``read_jsonl``: a step's files, written whole or not at all;
 - ``save_loop_state`` / ``load_loop_state``: ``checkpoint-<k>/trainer_state.json`` after step k and the
@@ -15,11 +17,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from alignkit import modeling
+from alignkit.feedback import Judge, JudgeSettings, load_judge
 from alignkit.recipe import GenerationSettings, ModelSettings, Recipe
 from alignkit.runs import RunDir
 from alignkit.stages.rl_common import eval_generation
@@ -37,6 +41,15 @@ def policy_settings(recipe: Recipe, policy: str | None) -> ModelSettings:
     return dataclasses.replace(recipe.model, name_or_path=policy, run_adapter="continue")
 
 
+def draw_prompts(rows, count: int | None, seed: str):
+    """``count`` of the prompt ``rows``, drawn with ``random.Random(seed)`` and kept in their order (all of them
+    for ``count`` None or at least their number)."""
+    chosen = list(range(len(rows)))
+    if count is not None and count < len(chosen):
+        chosen = sorted(random.Random(seed).sample(chosen, count))
+    return rows.select(chosen)
+
+
 def sample_answers(settings: ModelSettings, rows, repeats: int,
                    generation: GenerationSettings) -> tuple[list, list[str], dict[str, list]]:
     """``repeats`` sampled answers to each prompt of ``rows`` (prompt-only rows) from the model ``settings``
@@ -51,11 +64,38 @@ def sample_answers(settings: ModelSettings, rows, repeats: int,
     return prompts, answers, columns
 
 
-def held_out_mean_reward(model, tokenizer, rows, reward, recipe: Recipe, max_new_tokens: int) -> float:
+class LazyJudge:
+    """The judge ``settings`` describe, loaded the first time it is asked to compare (a resumed run whose
+    samples are all judged never loads it)."""
+
+    def __init__(self, settings: JudgeSettings) -> None:
+        self.settings = settings
+        self.judge: Judge | None = None
+
+    def compare(self, prompts, first, second) -> list[float]:
+        """The loaded judge's ``compare``."""
+        if self.judge is None:
+            self.judge = load_judge(self.settings)
+        return self.judge.compare(prompts, first, second)
+
+    def take_stats(self) -> dict[str, float]:
+        """The judge's counts since the last call (compared, skipped by reason, diagnostics), then reset."""
+        stats = getattr(self.judge, "stats", None)
+        if stats is None:
+            return {}
+        summary = stats.summary()
+        self.judge.stats = type(stats)()
+        return summary
+
+
+def held_out_mean_reward(model, tokenizer, rows, reward, recipe: Recipe, max_new_tokens: int) -> float | None:
     """Mean ``reward(prompts, answers, columns)`` of ``model``'s answers to the held-out prompt ``rows``,
-    generated as ``evaluate.generation`` says (else greedily, up to ``max_new_tokens``)."""
+    generated as ``evaluate.generation`` says (else greedily, up to ``max_new_tokens``); None without rows or
+    without a reward."""
     from alignkit.generation import generate
 
+    if rows is None or len(rows) == 0 or reward is None:
+        return None
     prompts = list(rows["prompt"])
     answers = generate(model, tokenizer, prompts, eval_generation(recipe, max_new_tokens))
     return mean(reward(prompts, answers, columns_of(rows)))

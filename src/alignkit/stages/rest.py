@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,9 @@ from alignkit.rewards import RewardSettings, monitoring_reward
 from alignkit.runs import RunDir, last_checkpoint
 from alignkit.stages import Stage
 from alignkit.stages.iterative import (
+    LazyJudge,
     adopt_final_model,
+    draw_prompts,
     held_out_mean_reward,
     load_loop_state,
     mean,
@@ -63,12 +65,8 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     score = reward if settings.judge is None else _judge_scorer(settings)
     data = load_prompt_data(recipe.data)
     training.record_data(run_dir, data)
-    held_out = held_out_prompts(data.eval, recipe)
-
-    def held_out_reward(model, tokenizer) -> float | None:
-        if held_out is None or len(held_out) == 0 or reward is None:
-            return None
-        return held_out_mean_reward(model, tokenizer, held_out, reward, recipe, settings.generation.max_new_tokens)
+    held_out_reward = partial(held_out_mean_reward, rows=held_out_prompts(data.eval, recipe), reward=reward,
+                              recipe=recipe, max_new_tokens=settings.generation.max_new_tokens)
 
     state = load_loop_state(run_dir, LOG_FILE, "rest", "improve step")
     if state is None:
@@ -94,17 +92,15 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
 def _judge_scorer(settings: RestSettings):
     """``score(prompts, answers, columns)`` from ``rest.judge``: each sample's mean preference over its prompt's
     other samples. The judge loads on first use (a resumed run whose samples are scored never loads it)."""
-    from alignkit.feedback import load_judge, round_robin_scores
+    from alignkit.feedback import round_robin_scores
 
-    judges = []
+    judge = LazyJudge(settings.judge)
 
     def score(prompts: list, answers: list[str], columns: dict[str, list]) -> list[float]:
-        if not judges:
-            judges.append(load_judge(settings.judge))
-        scores = round_robin_scores(judges[0], prompts, answers, settings.samples_per_prompt)
-        stats = getattr(judges[0], "stats", None)
-        if stats is not None and stats.skipped:
-            logger.warning("rest judge: %s", stats.summary())
+        scores = round_robin_scores(judge, prompts, answers, settings.samples_per_prompt)
+        stats = judge.take_stats()
+        if stats.get("skipped"):
+            logger.warning("rest judge: %s", stats)
         return scores
 
     return score
@@ -118,11 +114,7 @@ def _grow(recipe: Recipe, settings: RestSettings, run_dir: RunDir, grow: int, po
     path = run_dir.path / f"grow-{grow}" / SAMPLES_FILE
     if path.is_file():
         return [Sample(**row) for row in read_jsonl(path)]
-    count = len(prompts_data)
-    chosen = list(range(count))
-    if settings.prompts_per_grow is not None and settings.prompts_per_grow < count:
-        chosen = sorted(random.Random(f"{recipe.data.seed}-grow-{grow}").sample(chosen, settings.prompts_per_grow))
-    rows = prompts_data.select(chosen)
+    rows = draw_prompts(prompts_data, settings.prompts_per_grow, f"{recipe.data.seed}-grow-{grow}")
     repeats = settings.samples_per_prompt
     sampling = dataclasses.replace(settings.generation, seed=settings.generation.seed + grow)
     prompts, completions, columns = sample_answers(policy_settings(recipe, policy), rows, repeats, sampling)

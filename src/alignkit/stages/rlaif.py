@@ -45,17 +45,18 @@ from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, S
 from alignkit import modeling, training
 from alignkit.data import load_preference_data, load_prompt_data, load_sft_data
 from alignkit.errors import RecipeError
-from alignkit.feedback import Judge, load_judge
 from alignkit.feedback.revision import Revision, RevisionSettings, critique_and_revise
 from alignkit.generation import generate
-from alignkit.recipe import DataSettings, DataSource, ModelSettings, Recipe, is_run_with_adapter
+from alignkit.recipe import DataSettings, DataSource, ModelSettings, Recipe
 from alignkit.rewards import RewardSettings, monitoring_reward
 from alignkit.rlaif import Pair, RlaifSettings, confident_pairs, label_agreement, make_pairs, preference_row
 from alignkit.runs import RunDir, last_checkpoint
 from alignkit.stages import Stage
 from alignkit.stages.dpo import check_train as check_dpo_train
 from alignkit.stages.iterative import (
+    LazyJudge,
     adopt_final_model,
+    draw_prompts,
     held_out_mean_reward,
     load_loop_state,
     mean,
@@ -66,6 +67,7 @@ from alignkit.stages.iterative import (
     write_jsonl,
 )
 from alignkit.stages.rl_common import held_out_prompts
+from alignkit.stages.rm import check_starts_new_head
 
 logger = logging.getLogger(__name__)
 
@@ -80,24 +82,20 @@ SHARED_WITH_SFT = {f.name for f in dataclasses.fields(TrainingArguments) if f.in
 def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     settings: RlaifSettings = recipe.sections["rlaif"]
     monitor = monitoring_reward(recipe.sections.get("reward"))
-    if settings.objective == "rm" and is_run_with_adapter(recipe.model.name_or_path) \
-            and recipe.model.run_adapter == "continue":
-        raise RecipeError("rlaif objective rm starts a new reward head: to start from a run dir with an adapter, set "
-                          "model.run_adapter: merge (and give the reward model its own adapter section)")
+    if settings.objective == "rm":
+        check_starts_new_head(recipe, "rlaif objective rm")
     data = load_prompt_data(recipe.data)
     training.record_data(run_dir, data)
-    held_out = held_out_prompts(data.eval, recipe) if monitor is not None else None
-    judge = _LazyJudge(settings)
-
-    def held_out_reward(model, tokenizer) -> float | None:
-        if held_out is None or len(held_out) == 0 or settings.objective == "rm":
-            return None
-        return held_out_mean_reward(model, tokenizer, held_out, monitor, recipe, settings.generation.max_new_tokens)
+    # A reward model has no answers of its own to monitor.
+    held_out = held_out_prompts(data.eval, recipe) if monitor is not None and settings.objective == "dpo" else None
+    held_out_reward = partial(held_out_mean_reward, rows=held_out, reward=monitor, recipe=recipe,
+                              max_new_tokens=settings.generation.max_new_tokens)
+    judge = LazyJudge(settings.judge)
 
     state = load_loop_state(run_dir, LOG_FILE, "rlaif", "iteration")
     if state is None:
         start = None
-        if held_out is not None and settings.objective == "dpo":
+        if held_out is not None:
             model, tokenizer = modeling.load_for_inference(recipe.model)
             start = held_out_reward(model, tokenizer)
             del model
@@ -115,33 +113,10 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     return _finish(run_dir, state)
 
 
-class _LazyJudge:
-    """The recipe's judge, loaded the first time an iteration has pairs to label (a resumed run whose pairs are
-    all labelled never loads it)."""
-
-    def __init__(self, settings: RlaifSettings) -> None:
-        self.settings = settings
-        self.judge: Judge | None = None
-
-    def compare(self, prompts, first, second) -> list[float]:
-        if self.judge is None:
-            self.judge = load_judge(self.settings.judge)
-        return self.judge.compare(prompts, first, second)
-
-    def take_stats(self) -> dict[str, float]:
-        """The judge's counts since the last call (compared, skipped by reason, diagnostics), then reset."""
-        stats = getattr(self.judge, "stats", None)
-        if stats is None:
-            return {}
-        summary = stats.summary()
-        self.judge.stats = type(stats)()
-        return summary
-
-
 # ---- one iteration: sample, pair, judge, train --------------------------------------------------------------
 
 def _iteration(recipe: Recipe, settings: RlaifSettings, run_dir: RunDir, iteration: int, policy: str | None,
-               prompts_data, judge: _LazyJudge, monitor, held_out_reward) -> tuple[dict[str, Any], str | None]:
+               prompts_data, judge: LazyJudge, monitor, held_out_reward) -> tuple[dict[str, Any], str | None]:
     """Label pairs of the current policy's answers and train on them; (log entry, the trained run dir or None)."""
     out = run_dir.path / f"iteration-{iteration}"
     pairs, entry = _labelled_pairs(recipe, settings, out, iteration, policy, prompts_data, judge, monitor)
@@ -170,7 +145,7 @@ def _iteration(recipe: Recipe, settings: RlaifSettings, run_dir: RunDir, iterati
 
 
 def _labelled_pairs(recipe: Recipe, settings: RlaifSettings, out: Path, iteration: int, policy: str | None,
-                    prompts_data, judge: _LazyJudge, monitor) -> tuple[list[Pair], dict[str, Any]]:
+                    prompts_data, judge: LazyJudge, monitor) -> tuple[list[Pair], dict[str, Any]]:
     """This iteration's judged pairs and their counts, read back where an interrupted run wrote them."""
     pairs_path, samples_path, counts_path = out / PAIRS_FILE, out / SAMPLES_FILE, out / COUNTS_FILE
     if pairs_path.is_file():
@@ -179,14 +154,10 @@ def _labelled_pairs(recipe: Recipe, settings: RlaifSettings, out: Path, iteratio
     if samples_path.is_file():
         samples = read_jsonl(samples_path)
     else:
-        count = len(prompts_data)
-        chosen = list(range(count))
-        if settings.prompts_per_iteration is not None and settings.prompts_per_iteration < count:
-            rng = random.Random(f"{recipe.data.seed}-rlaif-{iteration}")
-            chosen = sorted(rng.sample(chosen, settings.prompts_per_iteration))
+        rows = draw_prompts(prompts_data, settings.prompts_per_iteration, f"{recipe.data.seed}-rlaif-{iteration}")
         sampling = dataclasses.replace(settings.generation, seed=settings.generation.seed + iteration)
-        prompts, answers, columns = sample_answers(policy_settings(recipe, policy), prompts_data.select(chosen),
-                                                   settings.samples_per_prompt, sampling)
+        prompts, answers, columns = sample_answers(policy_settings(recipe, policy), rows, settings.samples_per_prompt,
+                                                   sampling)
         rewards = monitor(prompts, answers, columns) if monitor is not None else [None] * len(answers)
         samples = [{"prompt": p, "answer": a, "reward": r} for p, a, r in zip(prompts, answers, rewards)]
         write_jsonl(samples_path, samples)
@@ -234,10 +205,7 @@ def _revise(recipe: Recipe, revision: RevisionSettings, run_dir: RunDir, prompts
     if path.is_file():
         rows = read_jsonl(path)
     else:
-        chosen = list(range(len(prompts_data)))
-        if revision.prompts is not None and revision.prompts < len(chosen):
-            chosen = sorted(random.Random(f"{recipe.data.seed}-rlaif-revision").sample(chosen, revision.prompts))
-        prompts = list(prompts_data.select(chosen)["prompt"])
+        prompts = list(draw_prompts(prompts_data, revision.prompts, f"{recipe.data.seed}-rlaif-revision")["prompt"])
         model, tokenizer = modeling.load_for_inference(recipe.model)
         answers = generate(model, tokenizer, prompts, revision.generation)
         if revision.model is not None:

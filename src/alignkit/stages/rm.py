@@ -21,10 +21,7 @@ from alignkit.stages import Stage
 
 
 def run(recipe: Recipe, run_dir: RunDir) -> dict:
-    if is_run_with_adapter(recipe.model.name_or_path) and recipe.model.run_adapter == "continue":
-        # A language-model adapter has no reward head to continue: start from the run merged into its base.
-        raise RecipeError("the rm stage starts a new reward head: to start from a run dir with an adapter, set "
-                          "model.run_adapter: merge (and give the reward model its own adapter section)")
+    check_starts_new_head(recipe, "the rm stage")
     fitted = training.fit(recipe, run_dir, config_class=RewardConfig, trainer_class=RewardTrainer,
                           load_data=partial(load_preference_data, kind="pairs"), head="reward")
     if fitted.data.eval is None:
@@ -33,6 +30,14 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict:
     scorer = RewardModel(model=fitted.trainer.model, tokenizer=fitted.tokenizer,
                          batch_size=fitted.trainer.args.per_device_eval_batch_size)
     return fitted.metrics | pair_accuracy(scorer, fitted.data.eval)
+
+
+def check_starts_new_head(recipe: Recipe, who: str) -> None:
+    """A reward model starts a new reward head: a language-model adapter has none to continue, so a run dir
+    with an adapter must be merged into its base (RecipeError otherwise, naming ``who``)."""
+    if is_run_with_adapter(recipe.model.name_or_path) and recipe.model.run_adapter == "continue":
+        raise RecipeError(f"{who} starts a new reward head: to start from a run dir with an adapter, set "
+                          "model.run_adapter: merge (and give the reward model its own adapter section)")
 
 
 def pair_accuracy(scorer: RewardModel, pairs) -> dict[str, float]:
