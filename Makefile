@@ -4,6 +4,12 @@ VENV ?= .venv
 ALIGNKIT = $(VENV)/bin/alignkit
 RECIPE ?=
 ARGS ?=
+# Multi-process runs: ACCELERATE_CONFIG=accelerate_configs/ddp.yaml (fsdp.yaml, fsdp_qlora.yaml, zero3.yaml,
+# cpu_2proc.yaml) launches the stage with `accelerate launch`; NUM_PROCESSES overrides the config's count.
+ACCELERATE_CONFIG ?=
+NUM_PROCESSES ?=
+LAUNCH = $(if $(ACCELERATE_CONFIG),$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) \
+	$(if $(NUM_PROCESSES),--num_processes $(NUM_PROCESSES)) -m alignkit,$(ALIGNKIT))
 
 STAGES = sft eval rm dpo kto orpo ppo grpo rloo rest rlaif
 
@@ -25,8 +31,9 @@ validate: setup
 
 # make sft RECIPE=recipes/demo/sft.yaml ARGS="train.max_steps=100"; the same for every stage.
 # Without RECIPE, `make <stage>` runs the demo recipe of that stage (recipes/demo/<stage>.yaml).
+# make sft RECIPE=... ACCELERATE_CONFIG=accelerate_configs/fsdp.yaml NUM_PROCESSES=8: several processes.
 $(STAGES): setup
-	$(ALIGNKIT) $@ $(or $(RECIPE),recipes/demo/$@.yaml) $(ARGS)
+	$(LAUNCH) $@ $(or $(RECIPE),recipes/demo/$@.yaml) $(ARGS)
 
 # make score FILE=runs/demo-sft/predictions.jsonl
 score: setup

@@ -147,6 +147,19 @@ def test_a_judge_scores_each_sample_by_its_mean_preference_over_its_siblings():
         round_robin_scores(judge, [PROMPT] * 7, answers[:7], 4)
 
 
+def rule_win_rates(samples: list[dict], group_size: int) -> list[float]:
+    """Each sample's win rate (ties half) under the reversal rule against the other samples of its prompt
+    (``group_size`` consecutive samples per prompt): the score a rule judge's round robin must give it."""
+    rule = [reversal_reward([s["prompt"]], [s["completion"]])[0] for s in samples]
+    rates = []
+    for index in range(len(samples)):
+        first = index - index % group_size
+        others = [j for j in range(first, first + group_size) if j != index]
+        rates.append(sum(1.0 if rule[index] > rule[j] else 0.0 if rule[index] < rule[j] else 0.5
+                         for j in others) / len(others))
+    return rates
+
+
 def test_rest_with_a_judge_keeps_the_samples_it_ranks_highest(noisy_sft_run, tmp_path):
     run_dir = tmp_path / "run"
     judge = "rest.judge={kind: rule, function: 'alignkit.demo.rewards:reversal_reward'}"
@@ -157,12 +170,7 @@ def test_rest_with_a_judge_keeps_the_samples_it_ranks_highest(noisy_sft_run, tmp
     assert result.returncode == 0, result.stderr[-3000:]
     samples = [json.loads(line) for line in (run_dir / "grow-1" / "samples.jsonl").read_text().splitlines()]
     # Each sample's score is its win rate against its prompt's three other samples under the rule.
-    rule = [reversal_reward([s["prompt"]], [s["completion"]])[0] for s in samples]
-    for index, sample in enumerate(samples):
-        group = range(index - index % 4, index - index % 4 + 4)
-        wins = sum(1.0 if rule[index] > rule[j] else 0.0 if rule[index] < rule[j] else 0.5
-                   for j in group if j != index)
-        assert sample["reward"] == pytest.approx(wins / 3)
+    assert [s["reward"] for s in samples] == pytest.approx(rule_win_rates(samples, 4))
     # The reward section still monitors the held-out answers.
     assert "rest/eval_reward_end" in metrics_of(run_dir)
 

@@ -13,7 +13,7 @@ import sys
 
 import yaml
 
-from alignkit import __version__
+from alignkit import __version__, distributed
 from alignkit.errors import AlignkitError
 from alignkit.stages import STAGES
 
@@ -83,7 +83,7 @@ def _validate(args) -> int:
 
 
 def _run_stage(args) -> int:
-    _join_processes()  # first: importing the libraries below may already ask for the process state
+    distributed.join_processes()  # first: importing the libraries below may ask for the process state
     from alignkit.training import run_stage
 
     recipe = _load(args)
@@ -91,24 +91,13 @@ def _run_stage(args) -> int:
         raise AlignkitError(f"{args.recipe} is a '{recipe.stage}' recipe; run it with: alignkit {recipe.stage} "
                             f"{args.recipe}")
     metrics = run_stage(recipe, overwrite=args.overwrite, resume=args.resume)
+    if not distributed.is_main_process():
+        return 0  # the main process reports for all
     print(f"\n{recipe.stage} finished: {recipe.output_dir}")
     for key in sorted(metrics):
         value = metrics[key]
         print(f"  {key:28s} {value:.4f}" if isinstance(value, float) else f"  {key:28s} {value}")
     return 0
-
-
-def _join_processes() -> None:
-    """Set up this process's place among the launched ones before anything asks for it. Under torchrun or
-    ``accelerate launch`` on a machine without GPUs, accelerate's PartialState only joins the process group
-    (gloo) when told it runs on CPUs; otherwise every process would think it is alone."""
-    import torch
-    from accelerate import PartialState
-
-    if not torch.cuda.is_available():
-        # transformers' TrainingArguments rebuilds the state from this flag (as `accelerate launch --cpu` sets it).
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-    PartialState(cpu=not torch.cuda.is_available())
 
 
 def _score(args) -> int:

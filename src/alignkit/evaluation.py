@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alignkit import modeling
+from alignkit import distributed, modeling
 from alignkit.generation import generate
 from alignkit.metrics import compute
 from alignkit.recipe import EvaluateSettings, ModelSettings, Recipe
@@ -87,7 +87,7 @@ def evaluate_and_report(model, tokenizer, dataset, settings: EvaluateSettings, r
         judged = judge_win_rates(settings, results)
         metrics |= {f"eval/{k}": v for k, v in judged.items()}
     judge_label = settings.judge.label if settings.judge else None
-    (run_dir / "report.md").write_text(render_report(results, settings.report_samples, judged, judge_label))
+    distributed.write_text(run_dir / "report.md", render_report(results, settings.report_samples, judged, judge_label))
     return metrics
 
 
@@ -95,13 +95,12 @@ def judge_win_rates(settings: EvaluateSettings, results: list[Evaluation]) -> di
     """Win / tie / loss rates of the model's answers, judged by ``settings.judge`` against the comparison
     model's answers when there is one, else against the references; ``judge_skipped`` when the judge had to
     skip pairs (counted as ties)."""
-    from alignkit.feedback import load_judge, win_rates
+    from alignkit.feedback import LazyJudge, win_rates
 
-    judge = load_judge(settings.judge)
+    judge = LazyJudge(settings.judge)
     opponent = results[1].predictions if len(results) > 1 else results[0].references
     rates = win_rates(judge.compare(results[0].prompts, results[0].predictions, opponent), settings.tie_margin)
-    stats = getattr(judge, "stats", None)  # alignkit's judges count what they skip; a Judge need not
-    skipped = stats.summary()["skipped"] if stats is not None else 0
+    skipped = judge.take_stats().get("skipped", 0)
     return rates | ({"judge_skipped": skipped} if skipped else {})
 
 
@@ -120,10 +119,10 @@ def comparison_model(compare: str, model, tokenizer, base_settings: ModelSetting
 
 
 def write_predictions(path: Path, result: Evaluation) -> None:
-    with path.open("w", encoding="utf-8") as handle:
-        for prompt, prediction, reference in zip(result.prompts, result.predictions, result.references):
-            handle.write(json.dumps({"prompt": prompt, "prediction": prediction, "reference": reference},
-                                    ensure_ascii=False) + "\n")
+    """One JSON line per held-out prompt: the prompt, the model's answer and the reference."""
+    distributed.write_text(path, "".join(
+        json.dumps({"prompt": prompt, "prediction": prediction, "reference": reference}, ensure_ascii=False) + "\n"
+        for prompt, prediction, reference in zip(result.prompts, result.predictions, result.references)))
 
 
 def render_report(results: list[Evaluation], samples: int, judged: dict[str, float] | None = None,

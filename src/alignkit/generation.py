@@ -1,9 +1,14 @@
-"""Batched generation from chat prompts, shared by evaluation and the RL stages."""
+"""Batched generation from chat prompts, shared by evaluation, the judges and the RL stages.
+
+Under a multi-process launch every process calls ``generate`` with the same prompts; each answers its own
+block of them and the answers are gathered, so every process returns all of them, in order.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from alignkit import distributed
 from alignkit.recipe import GenerationSettings
 
 
@@ -12,8 +17,18 @@ def generate(model, tokenizer, prompts: Sequence[list[dict[str, str]]], settings
 
     The chat template is applied exactly as in training, with the generation prompt; batches are
     left-padded so every prompt ends where generation starts. Returns decoded completions without
-    special tokens, stripped.
+    special tokens, stripped. With several processes, each generates for its block of the prompts and all
+    get every answer (see the module docstring).
     """
+    # A model sharded across the processes (FSDP, ZeRO-3) runs each forward pass with all of them: every
+    # process then takes as many prompts and keeps stepping until all are done (``synced_gpus``).
+    sharded = distributed.world_size() > 1 and distributed.is_sharded(model)
+    return distributed.map_sharded(lambda local: _generate(model, tokenizer, local, settings, sharded), list(prompts),
+                                   equal_shards=sharded)
+
+
+def _generate(model, tokenizer, prompts: Sequence[list[dict[str, str]]], settings: GenerationSettings,
+              synced: bool) -> list[str]:
     import torch
     from transformers import GenerationConfig
 
@@ -41,7 +56,7 @@ def generate(model, tokenizer, prompts: Sequence[list[dict[str, str]]], settings
             batch = tokenizer(texts[start:start + settings.batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(device)
             with torch.no_grad():
-                generated = model.generate(**batch, generation_config=config)
+                generated = model.generate(**batch, generation_config=config, synced_gpus=synced)
             new_tokens = generated[:, batch["input_ids"].shape[1]:]
             outputs += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     finally:

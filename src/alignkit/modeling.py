@@ -15,6 +15,7 @@ from typing import Literal
 
 import yaml
 
+from alignkit import distributed
 from alignkit.demo.build import demo_model_dir, is_demo_model
 from alignkit.errors import AlignkitError, RecipeError
 from alignkit.recipe import ModelSettings, QuantizationSettings, is_future_run, is_run_with_adapter
@@ -106,7 +107,8 @@ def read_chat_template(value: str) -> str:
 
 def load_model(settings: ModelSettings, *, for_training: bool = True, head: Head = "causal_lm"):
     """The model with a language-model head (``causal_lm``) or a scalar reward head (``reward``: a sequence
-    classifier with one label), quantised if the recipe says so, on this process's device when quantised."""
+    classifier with one label), quantised if the recipe says so; on this process's device when quantised or
+    loaded for inference (``for_training=False``), else left for the trainer to place."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -120,11 +122,10 @@ def load_model(settings: ModelSettings, *, for_training: bool = True, head: Head
     quant = quantization_config(settings)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and not (for_training and distributed.uses_fsdp()):
             # Quantised weights are placed at load time; each process keeps its own full copy (DDP) on its GPU.
-            from accelerate import PartialState
-
-            kwargs["device_map"] = {"": PartialState().local_process_index}
+            # Under FSDP the trainer places them, shard by shard (quant_storage lets it shard them).
+            kwargs["device_map"] = {"": distributed.state().local_process_index}
     path = resolve_path(settings.name_or_path)
     if is_run_with_adapter(path):
         # A run dir as a plain base (the start of a run_adapter: merge run): its base with its adapter folded in.
@@ -139,6 +140,8 @@ def load_model(settings: ModelSettings, *, for_training: bool = True, head: Head
         raise AlignkitError(f"could not load model '{settings.name_or_path}': {err}") from None
     if for_training:
         model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    elif quant is None:
+        model.to(distributed.device())  # generation and scoring run on this process's GPU; trainers place their own
     return model
 
 

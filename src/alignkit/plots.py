@@ -15,7 +15,12 @@ COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
 
 
 def write_line_plot(path: Path, title: str, xs: Sequence[float], series: Mapping[str, Sequence[float]]) -> None:
-    """Write one SVG chart of each named series against ``xs`` (non-finite points are left out)."""
+    """Write one SVG chart of each named series against ``xs`` (non-finite points are left out); with several
+    processes, the main one writes it."""
+    from alignkit.distributed import is_main_process
+
+    if not is_main_process():
+        return
     points = {name: [(x, y) for x, y in zip(xs, ys) if math.isfinite(y)] for name, ys in series.items()}
     every_y = [y for line in points.values() for _, y in line] or [0.0]
     x_low, x_high = _span([float(x) for x in xs] or [0.0])

@@ -144,13 +144,21 @@ def weighted_reward(functions: Sequence[RewardFunction], weights: Sequence[float
 
 def monitoring_reward(settings: RewardSettings | None) -> Callable[..., list[float]] | None:
     """``reward(prompts, completions, columns) -> rewards``, the weighted sum of the ``reward:`` section's sources
-    (imported now, so a bad import path fails before any model loads); None without a section."""
+    (imported now, so a bad import path fails before any model loads); None without a section. With several
+    processes, each scores its block of the answers (a reward model's forward passes are shared out)."""
+    from alignkit.distributed import map_sharded
+
     if settings is None:
         return None
     functions = load_reward_functions(settings)
 
     def reward(prompts: list, completions: list[str], columns: dict[str, list]) -> list[float]:
-        return weighted_reward(functions, settings.weights, prompts, completions, columns)[0]
+        names = list(columns)
+
+        def score_block(prompts: list, completions: list[str], *values: list) -> list[float]:
+            return weighted_reward(functions, settings.weights, prompts, completions, dict(zip(names, values)))[0]
+
+        return map_sharded(score_block, list(prompts), list(completions), *(list(columns[name]) for name in names))
 
     return reward
 

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from alignkit import __version__
+from alignkit.distributed import is_main_process, wait_for_everyone, world_size
 from alignkit.errors import RunDirError
 from alignkit.recipe import Recipe
 
@@ -42,7 +43,7 @@ class RunDir:
     resume_from: Path | None = None
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
-        if _is_main_process():
+        if is_main_process():
             (self.path / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     def read_json(self, name: str) -> dict[str, Any]:
@@ -76,8 +77,8 @@ def open_run_dir(recipe: Recipe, *, overwrite: bool = False, resume: bool = Fals
     resolved = recipe.to_dict()
     # Every process decides from the same files before any process changes them.
     resume_from = _decide(path, resolved, overwrite=overwrite, resume=resume)
-    _wait_for_everyone()
-    if _is_main_process():
+    wait_for_everyone()
+    if is_main_process():
         if overwrite and path.exists():
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -87,11 +88,11 @@ def open_run_dir(recipe: Recipe, *, overwrite: bool = False, resume: bool = Fals
             "status": "running",
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "resumed_from": resume_from.name if resume_from else None,
-            "world_size": _world_size(),
+            "world_size": world_size(),
             "versions": package_versions(),
         }
         (path / RUN_FILE).write_text(json.dumps(status, indent=2) + "\n")
-    _wait_for_everyone()
+    wait_for_everyone()
     if resume_from:
         logger.info("resuming %s from %s", path, resume_from.name)
     return RunDir(path=path, resume_from=resume_from)
@@ -139,21 +140,3 @@ def package_versions() -> dict[str, str]:
         with contextlib.suppress(PackageNotFoundError):
             versions[name] = version(name)
     return versions
-
-
-def _state():
-    from accelerate import PartialState
-
-    return PartialState()
-
-
-def _is_main_process() -> bool:
-    return _state().is_main_process
-
-
-def _world_size() -> int:
-    return _state().num_processes
-
-
-def _wait_for_everyone() -> None:
-    _state().wait_for_everyone()

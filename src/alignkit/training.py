@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignkit import adapters, modeling
+from alignkit import adapters, distributed, modeling
 from alignkit.data import PreparedData
 from alignkit.errors import RecipeError
 from alignkit.recipe import QUANTISED_FULL_FINE_TUNE, Recipe, is_run_with_adapter
@@ -24,11 +24,41 @@ logger = logging.getLogger(__name__)
 def run_stage(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     """Open the run dir, run the recipe's stage, write ``metrics.json`` and mark the run complete."""
     stage = get_stage(recipe.stage)
+    check_launch(recipe)
     run = open_run_dir(recipe, overwrite=overwrite, resume=resume)
     metrics = stage.run(recipe, run)
-    metrics["run/world_size"] = _world_size()
+    metrics["run/world_size"] = distributed.world_size()
     run.finish(metrics)
     return metrics
+
+
+def check_launch(recipe: Recipe) -> None:
+    """What the launch (``accelerate launch --config_file ...``) asks for must work with this recipe on this
+    machine; checked before any run dir, data or model is touched."""
+    import torch
+
+    sharding = "FSDP" if distributed.uses_fsdp() else "DeepSpeed" if distributed.uses_deepspeed() else None
+    if sharding is None:
+        return
+    if recipe.stage == "ppo":
+        raise RecipeError(f"the accelerate config asks for {sharding}, but alignkit's PPO keeps a whole copy of its "
+                          "models on every process and averages gradients itself (DDP); launch it with "
+                          "accelerate_configs/ddp.yaml, with QLoRA for large models")
+    if not torch.cuda.is_available():
+        # accelerate picks FSDP / ZeRO only for GPU-class devices; on CPUs it would quietly run plain DDP.
+        raise RecipeError(f"the accelerate config asks for {sharding}, which accelerate runs on GPUs only and this "
+                          "machine has none; launch with accelerate_configs/cpu_2proc.yaml (DDP over CPU "
+                          "processes) instead")
+    quantization = recipe.model.quantization
+    if sharding == "FSDP" and quantization is not None:
+        if quantization.bits != 4:
+            raise RecipeError("model.quantization: FSDP shards 4-bit (QLoRA) bases, not 8-bit ones; set bits: 4, or "
+                              "launch with DDP (accelerate_configs/ddp.yaml)")
+        storage, dtype = quantization.quant_storage, recipe.model.dtype
+        if storage is None or dtype == "auto" or storage != dtype:
+            raise RecipeError(f"FSDP shards 4-bit weights only when they are stored in the model's dtype: set "
+                              f"model.dtype and model.quantization.quant_storage to the same dtype, e.g. bfloat16 "
+                              f"(they are {dtype} and {storage})")
 
 
 def training_args(recipe: Recipe, config_class: type, output_dir: Path):
@@ -143,11 +173,15 @@ def train(trainer, run: RunDir, eval_names: Mapping[str, str]) -> dict[str, floa
     """Train (resuming from the run dir's last checkpoint, if any), save the final model, return metrics."""
     resume = trainer.args.resume_from_checkpoint or (str(run.resume_from) if run.resume_from else None)
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(run.path))  # the adapter for peft models, else the full model; plus the tokenizer
+    save_final_model(trainer, run.path)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    args = trainer.args
     metrics = {
-        "train/loss": result.training_loss,
+        # Each process averages the loss of its own batches; the run's loss is the mean over processes.
+        "train/loss": distributed.mean_across_processes(result.training_loss),
         "train/global_step": result.global_step,
+        "train/global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
+        * distributed.world_size(),
         "train/runtime": result.metrics.get("train_runtime"),
     }
     if losses:
@@ -164,7 +198,13 @@ def train(trainer, run: RunDir, eval_names: Mapping[str, str]) -> dict[str, floa
     return metrics
 
 
-def _world_size() -> int:
-    from accelerate import PartialState
+def save_final_model(trainer, path: Path) -> None:
+    """Save the trained adapter (or full model) and tokenizer in the run dir, loadable with from_pretrained.
 
-    return PartialState().num_processes
+    Under FSDP the checkpoints stay sharded (fast, no gather), but the trainer saves nothing at all for a
+    sharded state dict at the end: the final model is gathered into one full state dict first.
+    """
+    if getattr(trainer, "is_fsdp_enabled", False):
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(path))
+    distributed.wait_for_everyone()  # the main process writes; the others may read the run dir next

@@ -12,7 +12,8 @@ the ``rlaif`` stage (labelling pairs) and the ``rest`` stage (ranking samples).
 ``round_robin_scores`` turns any judge into a scorer of several answers per prompt (each answer's mean
 preference over its siblings), which is how ReST ranks samples with a judge.
 
-A recipe describes one with ``JudgeSettings``; ``load_judge`` builds it.
+A recipe describes one with ``JudgeSettings``; ``load_judge`` builds it, ``LazyJudge`` builds it when first
+used and shares its work out across the processes of a multi-process launch.
 
 Modules: ``base`` (protocol, stats, win rates), ``reward_model``, ``template`` (the LLM judge's question),
 ``llm``, ``rule``, ``settings``. They import models and torch only when used, because ``alignkit.recipe``
@@ -23,7 +24,7 @@ from alignkit.feedback.base import Judge, JudgeStats, Messages, round_robin_scor
 from alignkit.feedback.llm import LLMJudge, option_tokens
 from alignkit.feedback.reward_model import RewardModel, RewardModelJudge
 from alignkit.feedback.rule import RuleJudge
-from alignkit.feedback.settings import JudgeSettings, load_judge
+from alignkit.feedback.settings import JudgeSettings, LazyJudge, load_judge
 from alignkit.feedback.template import DEFAULT_CONSTITUTION, DEFAULT_TEMPLATE, judge_question
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "JudgeSettings",
     "JudgeStats",
     "LLMJudge",
+    "LazyJudge",
     "Messages",
     "RewardModel",
     "RewardModelJudge",

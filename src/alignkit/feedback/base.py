@@ -46,6 +46,19 @@ class JudgeStats:
         total, count = self._sums.get(name, (0.0, 0))
         self._sums[name] = (total + sum(values), count + len(values))
 
+    @classmethod
+    def merged(cls, parts: Sequence[JudgeStats]) -> JudgeStats:
+        """One judge's counts from the counts of its parts (the processes that each judged some pairs)."""
+        total = cls()
+        for part in parts:
+            total.compared += part.compared
+            for reason, count in part.skipped.items():
+                total.skip(reason, count)
+            for name, (value, count) in part._sums.items():
+                old_value, old_count = total._sums.get(name, (0.0, 0))
+                total._sums[name] = (old_value + value, old_count + count)
+        return total
+
     def summary(self) -> dict[str, float]:
         """``compared``, ``skipped`` (all reasons), ``skipped_<reason>`` and every running mean."""
         out: dict[str, float] = {"compared": self.compared, "skipped": sum(self.skipped.values())}

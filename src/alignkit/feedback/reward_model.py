@@ -50,11 +50,20 @@ class RewardModel:
 
     def score(self, prompts: Sequence[Messages], answers: Sequence[str]) -> list[float]:
         """The reward of each answer to its prompt, tokenised exactly as TRL's RewardTrainer does in training
-        (the chat template over prompt + assistant turn)."""
-        import torch
+        (the chat template over prompt + assistant turn). With several processes each scores its block of the
+        answers and all get every score."""
+        from alignkit import distributed
 
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+        # A model sharded across the processes (FSDP, ZeRO-3 after training) needs every process in every
+        # forward pass: then all take equal blocks, and so run the same number of batches.
+        sharded = distributed.world_size() > 1 and distributed.is_sharded(self.model)
+        return distributed.map_sharded(self._score_block, list(prompts), list(answers), equal_shards=sharded)
+
+    def _score_block(self, prompts: Sequence[Messages], answers: Sequence[str]) -> list[float]:
+        import torch
+
         conversations = [[*prompt, {"role": "assistant", "content": answer}]
                          for prompt, answer in zip(prompts, answers, strict=True)]
         scores: list[float] = []

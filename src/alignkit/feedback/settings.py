@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from alignkit.feedback.base import Judge
+from alignkit.feedback.base import Judge, JudgeStats
 from alignkit.feedback.template import DEFAULT_CONSTITUTION, DEFAULT_TEMPLATE, REASONING_INSTRUCTION, check_template
 
 JudgeKind = Literal["llm", "reward_model", "rule"]
@@ -134,3 +134,33 @@ def load_judge(settings: JudgeSettings) -> Judge:
                          chain_of_thought=settings.chain_of_thought,
                          reasoning_instruction=settings.reasoning_instruction, max_new_tokens=settings.max_new_tokens,
                          batch_size=settings.batch_size, max_length=settings.max_length)
+
+
+class LazyJudge:
+    """The judge ``settings`` describe, loaded the first time it is asked to compare (a resumed run whose pairs
+    are all judged never loads it). With several processes each judges its block of the pairs and all get
+    every preference; ``take_stats`` adds up their counts."""
+
+    def __init__(self, settings: JudgeSettings) -> None:
+        self.settings = settings
+        self.judge: Judge | None = None
+
+    def compare(self, prompts, first, second) -> list[float]:
+        """The loaded judge's ``compare``, shared out across the processes."""
+        from alignkit.distributed import map_sharded
+
+        if self.judge is None:
+            self.judge = load_judge(self.settings)
+        return map_sharded(self.judge.compare, list(prompts), list(first), list(second))
+
+    def take_stats(self) -> dict[str, float]:
+        """The judge's counts since the last call, over every process (compared, skipped by reason,
+        diagnostics), then reset. Every process must call it."""
+        from alignkit.distributed import gather_objects
+
+        stats = getattr(self.judge, "stats", None)  # alignkit's judges count what they skip; a Judge need not
+        if stats is None:
+            return {}
+        summary = JudgeStats.merged(gather_objects(stats)).summary()
+        self.judge.stats = type(stats)()
+        return summary

@@ -241,6 +241,7 @@ class PPOTrainer:
         mean = lambda entries, key: sum(e[key] for e in entries) / len(entries)  # noqa: E731
         metrics: dict[str, Any] = {
             "ppo/updates": len(self.history),
+            "train/global_batch_size": self.args.local_rollout_batch_size * self.world_size,  # prompts per update
             "ppo/reward_start": mean(self.history[:window], "reward"),
             "ppo/reward_end": mean(self.history[-window:], "reward"),
             "ppo/kl_end": mean(self.history[-window:], "kl"),

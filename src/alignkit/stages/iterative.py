@@ -4,7 +4,6 @@ step continues the policy the previous one trained.
 - ``policy_settings``: the model settings of the current policy (the recipe's start, or a step's run dir);
 - ``draw_prompts``: the prompts of one step, a seeded draw;
 - ``sample_answers``: several sampled answers per prompt from that policy;
-- ``LazyJudge``: the recipe's judge, loaded when first asked;
 - ``held_out_mean_reward``: the mean reward of a model's answers to the held-out prompts;
 - ``write_jsonl`` / ``read_jsonl``: a step's files, written whole or not at all;
 - ``save_loop_state`` / ``load_loop_state``: ``checkpoint-<k>/trainer_state.json`` after step k and the
@@ -22,8 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from alignkit import modeling
-from alignkit.feedback import Judge, JudgeSettings, load_judge
+from alignkit import distributed, modeling
 from alignkit.recipe import GenerationSettings, ModelSettings, Recipe
 from alignkit.runs import RunDir
 from alignkit.stages.rl_common import eval_generation
@@ -64,30 +62,6 @@ def sample_answers(settings: ModelSettings, rows, repeats: int,
     return prompts, answers, columns
 
 
-class LazyJudge:
-    """The judge ``settings`` describe, loaded the first time it is asked to compare (a resumed run whose
-    samples are all judged never loads it)."""
-
-    def __init__(self, settings: JudgeSettings) -> None:
-        self.settings = settings
-        self.judge: Judge | None = None
-
-    def compare(self, prompts, first, second) -> list[float]:
-        """The loaded judge's ``compare``."""
-        if self.judge is None:
-            self.judge = load_judge(self.settings)
-        return self.judge.compare(prompts, first, second)
-
-    def take_stats(self) -> dict[str, float]:
-        """The judge's counts since the last call (compared, skipped by reason, diagnostics), then reset."""
-        stats = getattr(self.judge, "stats", None)
-        if stats is None:
-            return {}
-        summary = stats.summary()
-        self.judge.stats = type(stats)()
-        return summary
-
-
 def held_out_mean_reward(model, tokenizer, rows, reward, recipe: Recipe, max_new_tokens: int) -> float | None:
     """Mean ``reward(prompts, answers, columns)`` of ``model``'s answers to the held-out prompt ``rows``,
     generated as ``evaluate.generation`` says (else greedily, up to ``max_new_tokens``); None without rows or
@@ -107,11 +81,8 @@ def columns_of(rows) -> dict[str, list]:
 
 
 def write_jsonl(path: Path, rows: Iterable[Any]) -> None:
-    """One JSON line per row, written to a side file and renamed: a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    partial.rename(path)
+    """One JSON line per row, written whole or not at all, by the main process (the others wait for it)."""
+    distributed.write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def read_jsonl(path: Path) -> list[Any]:
@@ -122,11 +93,10 @@ def read_jsonl(path: Path) -> list[Any]:
 def save_loop_state(run_dir: RunDir, step: int, state: dict[str, Any], log_file: str) -> None:
     """Record step ``step``: its log entry (``state['history'][-1]``) appended to ``log_file``, then
     ``checkpoint-<step>/trainer_state.json``, written last because it marks the step complete."""
-    path = run_dir.path / f"checkpoint-{step}"
-    path.mkdir(parents=True, exist_ok=True)
-    with (run_dir.path / log_file).open("a") as log:
-        log.write(json.dumps(state["history"][-1]) + "\n")
-    (path / STATE_FILE).write_text(json.dumps(state, indent=1))
+    if distributed.is_main_process():
+        with (run_dir.path / log_file).open("a") as log:
+            log.write(json.dumps(state["history"][-1]) + "\n")
+    distributed.write_text(run_dir.path / f"checkpoint-{step}" / STATE_FILE, json.dumps(state, indent=1))
 
 
 def load_loop_state(run_dir: RunDir, log_file: str, stage: str, step_name: str) -> dict[str, Any] | None:
@@ -137,7 +107,7 @@ def load_loop_state(run_dir: RunDir, log_file: str, stage: str, step_name: str) 
         return None
     state = json.loads((run_dir.resume_from / STATE_FILE).read_text())
     logger.info("%s: resuming after %s %d", stage, step_name, state["completed"])
-    (run_dir.path / log_file).write_text("".join(json.dumps(entry) + "\n" for entry in state["history"]))
+    distributed.write_text(run_dir.path / log_file, "".join(json.dumps(entry) + "\n" for entry in state["history"]))
     return state
 
 
@@ -145,9 +115,11 @@ def adopt_final_model(run_dir: RunDir, final: Path, keep_out: Sequence[str] = ()
     """Copy the files of the last step's run dir (adapter or model, tokenizer, recipe) into the run dir, so the
     run dir loads as the trained policy; ``keep_out`` names the step's own files (its data) that stay there."""
     skipped = {*keep_out, "data.json", "metrics.json"}
-    for item in final.iterdir():
-        if item.is_file() and item.name not in skipped:
-            (run_dir.path / item.name).write_bytes(item.read_bytes())
+    if distributed.is_main_process():
+        for item in final.iterdir():
+            if item.is_file() and item.name not in skipped:
+                (run_dir.path / item.name).write_bytes(item.read_bytes())
+    distributed.wait_for_everyone()
 
 
 def mean(values: Sequence[float]) -> float:

@@ -31,13 +31,13 @@ from trl import SFTConfig, SFTTrainer
 from alignkit import modeling, training
 from alignkit.data import load_prompt_data, load_sft_data
 from alignkit.errors import RecipeError
+from alignkit.feedback import LazyJudge
 from alignkit.recipe import DataSettings, DataSource, Recipe
 from alignkit.rest import RestSettings, Sample, keep_samples
 from alignkit.rewards import RewardSettings, monitoring_reward
 from alignkit.runs import RunDir, last_checkpoint
 from alignkit.stages import Stage
 from alignkit.stages.iterative import (
-    LazyJudge,
     adopt_final_model,
     draw_prompts,
     held_out_mean_reward,

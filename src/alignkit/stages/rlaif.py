@@ -42,9 +42,10 @@ from typing import Any
 from transformers import TrainingArguments
 from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
-from alignkit import modeling, training
+from alignkit import distributed, modeling, training
 from alignkit.data import load_preference_data, load_prompt_data, load_sft_data
 from alignkit.errors import RecipeError
+from alignkit.feedback import LazyJudge
 from alignkit.feedback.revision import Revision, RevisionSettings, critique_and_revise
 from alignkit.generation import generate
 from alignkit.recipe import DataSettings, DataSource, ModelSettings, Recipe
@@ -54,7 +55,6 @@ from alignkit.runs import RunDir, last_checkpoint
 from alignkit.stages import Stage
 from alignkit.stages.dpo import check_train as check_dpo_train
 from alignkit.stages.iterative import (
-    LazyJudge,
     adopt_final_model,
     draw_prompts,
     held_out_mean_reward,
@@ -173,7 +173,7 @@ def _labelled_pairs(recipe: Recipe, settings: RlaifSettings, out: Path, iteratio
               "unpaired_prompts": pairing.unpaired_prompts}
     counts |= {f"judge_{name}": value for name, value in judge.take_stats().items()}
     # The counts first: pairs.jsonl marks the labelling complete, and a resumed run reports them as they were.
-    counts_path.write_text(json.dumps(counts, indent=1))
+    distributed.write_text(counts_path, json.dumps(counts, indent=1))
     write_jsonl(pairs_path, (pair.to_row() for pair in pairs))
     return pairs, counts
 
