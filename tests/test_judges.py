@@ -2,11 +2,12 @@
 position bias exactly, reward-model and rule judges give preference probabilities, and bad settings or
 answers are clear errors or counted skips.
 
-Observed on 2 busy cores, one thread (recipes/demo/judge.yaml as shipped: 1,000 full fine-tuning steps of
-chain-of-thought SFT from the base, 5.5 min): held-out agreement with the rule 0.94 asked in both orders and 0.94
-in the shown order only; by kind (both orders) echoes 1.00, dropped words 0.98, repeats 0.96, swaps 0.82.
-Probability mass on the two labels 0.9996, position bias 0.02. (Trained on the bare label instead of checking
-first: 0.62, at chance on all but dropped words; with the default, longer reasoning instruction: 0.77-0.80.)
+Observed on 2 cores (recipes/demo/judge.yaml as shipped: 2,000 full fine-tuning steps of chain-of-thought SFT
+from the base, ~3 min): held-out agreement with the rule 0.965 asked in both orders and 0.95 in the shown order
+only; by kind (both orders) echoes 1.00, dropped words 1.00, repeats 1.00, swaps 0.86. Probability mass on the
+two labels 0.9999, position bias 0.02. At 1,000 steps the reasoning copied the answers badly: 0.725.
+(Trained on the bare label instead of checking first: 0.62, at chance on all but dropped words; with the
+default, longer reasoning instruction: 0.77-0.80.)
 """
 
 from __future__ import annotations
