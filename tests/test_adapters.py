@@ -13,17 +13,27 @@ from alignkit.training import run_stage
 
 
 class RecordingTrainer(sft.SFTTrainer):
-    """SFTTrainer that snapshots every parameter when built, so a test can see what training changed."""
+    """SFTTrainer that snapshots every parameter when built and when training ends, so a test can see what
+    training changed. (Not later: on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights in place for its
+    inference kernel the first time the evaluation generates, which changes their bytes but not their values.)"""
 
     last: RecordingTrainer | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.initial = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+        self.initial = self._snapshot()
         RecordingTrainer.last = self
 
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        self.trained = self._snapshot()
+        return result
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().clone() for name, p in self.model.named_parameters()}
+
     def changed_parameters(self) -> set[str]:
-        return {name for name, p in self.model.named_parameters() if not torch.equal(p.detach(), self.initial[name])}
+        return {name for name, p in self.trained.items() if not torch.equal(p, self.initial[name])}
 
     def trainable_parameters(self) -> set[str]:
         return {name for name, p in self.model.named_parameters() if p.requires_grad}
