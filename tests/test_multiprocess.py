@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,12 +31,33 @@ CONFIGS = REPO / "accelerate_configs"
 QUICK_SFT = ("train.eval_strategy=no", "train.save_strategy=no", "train.logging_steps=10")
 
 
-def launch(*args: str, config: Path = CPU_CONFIG, timeout: int = 900) -> subprocess.CompletedProcess:
-    """``accelerate launch --config_file CONFIG --num_processes 2 -m alignkit ARGS``, one thread per process."""
+def free_port() -> int:
+    """A port nothing listens on: each launch meets at its own, so a stuck earlier launch cannot block it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def accelerate_launch(config: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file CONFIG --num_processes 2 ARGS`` on a free port, one thread per process;
+    on a timeout the launcher and both processes are killed, not left holding the port."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
-               "2", "-m", "alignkit", *args]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+               "2", "--main_process_port", str(free_port()), *args]
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"the launch did not finish within {timeout} s:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def launch(*args: str, config: Path = CPU_CONFIG, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``alignkit ARGS`` launched as two processes with ``config``."""
+    return accelerate_launch(config, "-m", "alignkit", *args, timeout=timeout)
 
 
 def launch_ok(*args: str) -> subprocess.CompletedProcess:
@@ -62,10 +85,8 @@ def test_shards_cover_every_row_once_in_order_and_differ_by_at_most_one(count, p
 
 
 def test_two_processes_share_the_rows_and_gather_them_back_in_order(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
-                             str(REPO / "tests" / "scripts" / "check_sharding.py"), str(tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    result = accelerate_launch(CPU_CONFIG, str(REPO / "tests" / "scripts" / "check_sharding.py"), str(tmp_path),
+                               timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = (json.loads((tmp_path / f"process-{rank}.json").read_text()) for rank in (0, 1))
     for seen in (first, second):  # every process ends with every result, in row order
@@ -90,10 +111,8 @@ def test_a_model_sharded_with_fsdp2_generates_and_scores_in_step_across_processe
     """torch's FSDP2 runs on CPU processes (accelerate only routes FSDP to GPUs): the demo model sharded layer by
     layer answers 5 prompts (shares of 3 and 2, padded to 3 each, answers of different lengths) exactly as an
     unsharded copy does, and a sharded reward model scores as the whole one does."""
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
-                             str(REPO / "tests" / "scripts" / "check_fsdp2_generation.py"), str(tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    result = accelerate_launch(CPU_CONFIG, str(REPO / "tests" / "scripts" / "check_fsdp2_generation.py"),
+                               str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
         seen = json.loads((tmp_path / f"fsdp2-{rank}.json").read_text())
@@ -219,9 +238,12 @@ def test_launch_configs_are_accelerate_configs_with_the_documented_settings():
 
 def test_make_wraps_accelerate_launch():
     def dry_run(*variables: str) -> str:
-        result = subprocess.run(["make", "-n", "sft", "RECIPE=recipes/demo/sft.yaml", *variables], cwd=REPO,
-                                capture_output=True, text=True, check=True)
-        return result.stdout.strip().splitlines()[-1]
+        # Without the flags of an enclosing make (`make test` runs this), which would add directory lines.
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+        result = subprocess.run(["make", "--no-print-directory", "-n", "sft", "RECIPE=recipes/demo/sft.yaml",
+                                 *variables], cwd=REPO, capture_output=True, text=True, check=True, env=env)
+        [command] = [line for line in result.stdout.splitlines() if " alignkit" in line or "/alignkit " in line]
+        return command.strip()
 
     assert dry_run() == ".venv/bin/alignkit sft recipes/demo/sft.yaml"
     assert dry_run("ACCELERATE_CONFIG=accelerate_configs/fsdp.yaml", "NUM_PROCESSES=4").split() == [

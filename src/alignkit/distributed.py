@@ -84,7 +84,12 @@ def uses_deepspeed() -> bool:
 
 def write_text(path: Path, text: str) -> None:
     """Write ``path`` on the main process (through a side file, so a killed run never leaves half a file),
-    then let every process go on only once it is there."""
+    then let every process go on only once it is there.
+
+    The stages decide what to do from which files exist (a resumed run skips what it wrote before), so every
+    process must see the same files at the same point: the first barrier keeps the file from appearing while
+    a slower process has yet to look for it."""
+    wait_for_everyone()
     if is_main_process():
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
