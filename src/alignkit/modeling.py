@@ -140,9 +140,21 @@ def load_model(settings: ModelSettings, *, for_training: bool = True, head: Head
         raise AlignkitError(f"could not load model '{settings.name_or_path}': {err}") from None
     if for_training:
         model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+        if quant is not None:
+            keep_4bit_layout_trainable(model)
     elif quant is None:
         model.to(distributed.device())  # generation and scoring run on this process's GPU; trainers place their own
     return model
+
+
+def keep_4bit_layout_trainable(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights for a faster inference kernel the
+    first time it runs in eval mode without gradients (an evaluation, a PPO rollout), and from then on computes
+    every CPU forward with that kernel, through which no gradient flows back to the layers below: the LoRA
+    adapters under it stop learning. A model that trains keeps the trainable layout."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def is_quantized(model) -> bool:
