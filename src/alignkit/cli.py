@@ -137,6 +137,9 @@ def _configure_logging() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # On CPUs with AVX512-BF16 bitsandbytes warns at import that an optional kernel package is missing: a speed
+    # hint for 4-bit inference, printed before every command (even a recipe error) otherwise.
+    logging.getLogger("bitsandbytes.backends.cpu").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":
