@@ -96,7 +96,7 @@ def test_two_processes_share_the_rows_and_gather_them_back_in_order(tmp_path):
         assert seen["fewer_rows_than_processes"] == [9] and seen["empty"] == []
         assert seen["nested"] == [i * i for i in range(6)]
         assert seen["two_columns"] == [11, 22, 33]
-        assert seen["mean"] == 0.5 and seen["summed"] == {"a": 2, "only_0": 1, "only_1": 2}
+        assert seen["mean"] == 0.5
         # Counts add up; running means are weighted by how many values each process saw: (1 + 0.5 + 0.5) / 3.
         assert seen["judge_stats"] == pytest.approx({"compared": 5, "skipped": 1, "skipped_too_long": 1,
                                                      "option_mass": 2 / 3})

@@ -157,22 +157,14 @@ def mean_across_processes(value: float) -> float:
     return sum(values) / len(values)
 
 
-def sum_across_processes(counts: dict[str, float]) -> dict[str, float]:
-    """``counts`` summed key by key over the processes (keys missing on a process count 0)."""
-    if world_size() == 1:
-        return dict(counts)
-    total: dict[str, float] = {}
-    for part in gather_objects(dict(counts)):
-        for key, value in part.items():
-            total[key] = total.get(key, 0) + value
-    return total
-
-
 def is_sharded(model) -> bool:
     """Whether ``model``'s weights are split across the processes (FSDP2 DTensors, FSDP1 flat parameters,
-    ZeRO-3 partitions): then every forward pass is collective and all processes must run the same number."""
+    ZeRO-3 partitions): then every forward pass is collective and all processes must run the same number.
+    Always False with one process."""
     from torch.distributed.tensor import DTensor
 
+    if world_size() == 1:
+        return False
     parameter = next(iter(model.parameters()), None)
     return parameter is not None and (isinstance(parameter, DTensor) or hasattr(parameter, "ds_id")
                                       or getattr(parameter, "_is_flat_param", False))

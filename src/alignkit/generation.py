@@ -22,7 +22,7 @@ def generate(model, tokenizer, prompts: Sequence[list[dict[str, str]]], settings
     """
     # A model sharded across the processes (FSDP, ZeRO-3) runs each forward pass with all of them: every
     # process then takes as many prompts and keeps stepping until all are done (``synced_gpus``).
-    sharded = distributed.world_size() > 1 and distributed.is_sharded(model)
+    sharded = distributed.is_sharded(model)
     return distributed.map_sharded(lambda local: _generate(model, tokenizer, local, settings, sharded), list(prompts),
                                    equal_shards=sharded)
 

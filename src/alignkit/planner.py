@@ -63,7 +63,7 @@ def count_parameters(model, adapter: dict[str, Any], head: modeling.Head = "caus
         task_type = "SEQ_CLS" if head == "reward" else "CAUSAL_LM"
         model = get_peft_model(model, adapters.build_peft_config(adapter, task_type=task_type))
     total = _numel(model)
-    trainable = sum(p.numel() for p in _unique_parameters(model) if p.requires_grad)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return ParameterCounts(total=total, trainable=trainable, quantizable=quantizable, largest_layer=largest)
 
 
@@ -72,12 +72,8 @@ def recipe_parameters(recipe: Recipe, head: modeling.Head = "causal_lm") -> Para
     return count_parameters(meta_model(model_config(recipe.model), head), recipe.adapter, head)
 
 
-def _unique_parameters(module):
-    return module.parameters()  # torch yields a tied parameter once
-
-
 def _numel(module) -> int:
-    return sum(p.numel() for p in _unique_parameters(module))
+    return sum(p.numel() for p in module.parameters())  # torch yields a tied parameter once
 
 
 def _quantizable_weights(model) -> int:

@@ -55,7 +55,7 @@ def check_launch(recipe: Recipe) -> None:
             raise RecipeError("model.quantization: FSDP shards 4-bit (QLoRA) bases, not 8-bit ones; set bits: 4, or "
                               "launch with DDP (accelerate_configs/ddp.yaml)")
         storage, dtype = quantization.quant_storage, recipe.model.dtype
-        if storage is None or dtype == "auto" or storage != dtype:
+        if dtype == "auto" or storage != dtype:
             raise RecipeError(f"FSDP shards 4-bit weights only when they are stored in the model's dtype: set "
                               f"model.dtype and model.quantization.quant_storage to the same dtype, e.g. bfloat16 "
                               f"(they are {dtype} and {storage})")

@@ -58,7 +58,7 @@ class RewardModel:
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
         # A model sharded across the processes (FSDP, ZeRO-3 after training) needs every process in every
         # forward pass: then all take equal blocks, and so run the same number of batches.
-        sharded = distributed.world_size() > 1 and distributed.is_sharded(self.model)
+        sharded = distributed.is_sharded(self.model)
         return distributed.map_sharded(self._score_block, list(prompts), list(answers), equal_shards=sharded)
 
     def _score_block(self, prompts: Sequence[Messages], answers: Sequence[str]) -> list[float]:
