@@ -91,6 +91,7 @@ def _run_stage(args) -> int:
         raise AlignkitError(f"{args.recipe} is a '{recipe.stage}' recipe; run it with: alignkit {recipe.stage} "
                             f"{args.recipe}")
     metrics = run_stage(recipe, overwrite=args.overwrite, resume=args.resume)
+    distributed.wait_for_everyone()  # no process leaves while another still shares a collective with it
     if not distributed.is_main_process():
         return 0  # the main process reports for all
     print(f"\n{recipe.stage} finished: {recipe.output_dir}")

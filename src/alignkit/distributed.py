@@ -13,6 +13,7 @@ The helpers are no-ops with one process, so the single-process path is the same 
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,12 +36,26 @@ def join_processes() -> None:
     from accelerate import PartialState
 
     on_cpu = not torch.cuda.is_available()
+    # Leaving without destroying the process group lets gloo's worker threads outlive the interpreter:
+    # the process then aborts at exit ("terminate called without an active exception") after it finished.
+    atexit.unregister(leave_processes)  # joined once per process, left once
+    atexit.register(leave_processes)
     if on_cpu:
         # transformers' TrainingArguments rebuilds the state from this flag (as `accelerate launch --cpu` sets it).
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     if not PartialState(cpu=on_cpu).is_main_process:
         # Every process runs the same stage: the main one tells the story, the others only warn.
         logging.getLogger("alignkit").setLevel(logging.WARNING)
+
+
+def leave_processes() -> None:
+    """Destroy the process group, if one was joined, while the interpreter is still whole. Registered to run
+    at exit by ``join_processes``; callers that end normally should pass a barrier first
+    (``wait_for_everyone``) so no process leaves while another is still in a collective with it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def state():
