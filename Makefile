@@ -13,7 +13,7 @@ LAUNCH = $(if $(ACCELERATE_CONFIG),$(VENV)/bin/accelerate launch --config_file $
 
 STAGES = sft eval rm dpo kto orpo ppo grpo rloo rest rlaif
 
-.PHONY: setup demo validate score test lint clean $(STAGES)
+.PHONY: setup demo validate plan score test lint clean $(STAGES)
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ demo: setup
 validate: setup
 	$(ALIGNKIT) validate $(or $(RECIPE),recipes/demo/sft.yaml) $(ARGS)
 
+# make plan RECIPE=recipes/qwen2.5-0.5b/sft-qlora.yaml ARGS="--gpus 2 --gpu-memory 24GB": memory before running
+plan: setup
+	$(ALIGNKIT) plan $(or $(RECIPE),recipes/demo/sft.yaml) $(ARGS)
+
 # make sft RECIPE=recipes/demo/sft.yaml ARGS="train.max_steps=100"; the same for every stage.
 # Without RECIPE, `make <stage>` runs the demo recipe of that stage (recipes/demo/<stage>.yaml).
 # make sft RECIPE=... ACCELERATE_CONFIG=accelerate_configs/fsdp.yaml NUM_PROCESSES=8: several processes.
@@ -43,7 +47,7 @@ test: setup
 	$(VENV)/bin/python -m pytest -q tests
 
 lint: setup
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests bench
 
 clean:
 	rm -rf runs

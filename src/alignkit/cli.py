@@ -1,4 +1,4 @@
-"""Command line: ``alignkit <stage> RECIPE [key=value ...]``, ``validate``, ``demo``.
+"""Command line: ``alignkit <stage> RECIPE [key=value ...]``, ``validate``, ``plan``, ``score``, ``demo``.
 
 Problems with the user's input (recipe, overrides, data, run dir) print one ``error:`` line and exit
 with code 2; only genuine bugs show a traceback.
@@ -37,6 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="resume an unfinished run even though its recipe changed")
     validate = commands.add_parser("validate", help="check a recipe without loading any model")
     _add_recipe_arguments(validate)
+    plan = commands.add_parser("plan", help="parameters, data, steps and peak memory per device, without weights")
+    _add_recipe_arguments(plan)
+    plan.add_argument("--gpus", type=int, default=1, help="devices the run is launched on (default: 1)")
+    plan.add_argument("--gpu-memory", help="memory of one device, e.g. 80GB or 24GiB: say whether the run fits "
+                      "and, if not, the cheapest change that makes it fit (default: this machine's GPU, if any)")
+    plan.add_argument("--strategy", choices=("ddp", "fsdp", "zero3"), default="ddp",
+                      help="how several devices share the model (accelerate_configs/: ddp.yaml, fsdp.yaml, "
+                      "zero3.yaml; default: %(default)s)")
+    plan.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                      help="what the run trains on (default: %(default)s)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     score = commands.add_parser("score", help="metrics for an existing predictions file (JSON Lines)")
     score.add_argument("file", help="JSON Lines with 'prediction' and 'reference' or 'references' on each line")
     score.add_argument("--metrics", default="rouge,bleu,chrf,exact_match",
@@ -57,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             return _demo(args)
         if args.command == "score":
             return _score(args)
+        if args.command == "plan":
+            from alignkit.plan_report import run_plan
+
+            return run_plan(args, _load(args))
         return _run_stage(args)
     except AlignkitError as err:
         print(f"error: {err}", file=sys.stderr)
