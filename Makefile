@@ -13,7 +13,7 @@ LAUNCH = $(if $(ACCELERATE_CONFIG),$(VENV)/bin/accelerate launch --config_file $
 
 STAGES = sft eval rm dpo kto orpo ppo grpo rloo rest rlaif
 
-.PHONY: setup demo validate plan score test lint clean $(STAGES)
+.PHONY: setup demo validate plan merge score test lint clean $(STAGES)
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ plan: setup
 # make sft RECIPE=... ACCELERATE_CONFIG=accelerate_configs/fsdp.yaml NUM_PROCESSES=8: several processes.
 $(STAGES): setup
 	$(LAUNCH) $@ $(or $(RECIPE),recipes/demo/$@.yaml) $(ARGS)
+
+# make merge RUN=runs/demo-sft-qlora: the adapter folded into its (dequantised) base, in runs/demo-sft-qlora-merged
+merge: setup
+	$(ALIGNKIT) merge $(or $(RUN),runs/demo-sft) $(ARGS)
 
 # make score FILE=runs/demo-sft/predictions.jsonl
 score: setup

@@ -1,4 +1,5 @@
-"""Command line: ``alignkit <stage> RECIPE [key=value ...]``, ``validate``, ``plan``, ``score``, ``demo``.
+"""Command line: ``alignkit <stage> RECIPE [key=value ...]``, ``validate``, ``plan``, ``merge``, ``score``,
+``demo``.
 
 Problems with the user's input (recipe, overrides, data, run dir) print one ``error:`` line and exit
 with code 2; only genuine bugs show a traceback.
@@ -48,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                       help="what the run trains on (default: %(default)s)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    merge = commands.add_parser("merge", help="fold a run's adapter into its base: a standalone model dir")
+    merge.add_argument("run_dir", help="a run dir holding an adapter (LoRA, QLoRA, ...)")
+    merge.add_argument("--output", help="where to write the model (default: RUN_DIR-merged)")
+    merge.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                       help="dtype of the saved weights (default: the base's)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    merge.add_argument("--push", metavar="REPO_ID", help="also upload it to this Hub repository (never by default)")
+    merge.add_argument("--public", action="store_true", help="with --push: create the repository public")
     score = commands.add_parser("score", help="metrics for an existing predictions file (JSON Lines)")
     score.add_argument("file", help="JSON Lines with 'prediction' and 'reference' or 'references' on each line")
     score.add_argument("--metrics", default="rouge,bleu,chrf,exact_match",
@@ -68,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             return _demo(args)
         if args.command == "score":
             return _score(args)
+        if args.command == "merge":
+            return _merge(args)
         if args.command == "plan":
             from alignkit.plan_report import run_plan
 
@@ -113,6 +124,20 @@ def _run_stage(args) -> int:
     for key in sorted(metrics):
         value = metrics[key]
         print(f"  {key:28s} {value:.4f}" if isinstance(value, float) else f"  {key:28s} {value}")
+    return 0
+
+
+def _merge(args) -> int:
+    from pathlib import Path
+
+    from alignkit.merge import merge_run, push
+
+    merged = merge_run(Path(args.run_dir), Path(args.output) if args.output else None, dtype=args.dtype,
+                       overwrite=args.overwrite)
+    print(f"merged {args.run_dir} into {merged.base}" + (" (dequantised)" if merged.dequantized else "")
+          + f": {merged.path} ({merged.dtype})")
+    if args.push:
+        print(f"pushed: {push(merged.path, args.push, private=not args.public)}")
     return 0
 
 
