@@ -13,7 +13,7 @@ LAUNCH = $(if $(ACCELERATE_CONFIG),$(VENV)/bin/accelerate launch --config_file $
 
 STAGES = sft eval rm dpo kto orpo ppo grpo rloo rest rlaif
 
-.PHONY: setup demo validate plan merge score test lint clean $(STAGES)
+.PHONY: setup demo validate plan merge pipeline score test lint clean $(STAGES)
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ demo: setup
 
 validate: setup
 	$(ALIGNKIT) validate $(or $(RECIPE),recipes/demo/sft.yaml) $(ARGS)
+
+# make pipeline RECIPE=recipes/demo/pipeline.yaml: its steps in order; run it again to continue after a stop
+pipeline: setup
+	$(LAUNCH) pipeline $(or $(RECIPE),recipes/demo/pipeline.yaml) $(ARGS)
 
 # make plan RECIPE=recipes/qwen2.5-0.5b/sft-qlora.yaml ARGS="--gpus 2 --gpu-memory 24GB": memory before running
 plan: setup

@@ -6,6 +6,7 @@ import pytest
 from conftest import RECIPES
 
 from alignkit.data import check_sources
+from alignkit.pipeline import is_pipeline, load_pipeline
 from alignkit.recipe import load_recipe
 
 SHIPPED = sorted(p for p in RECIPES.rglob("*.yaml") if "_base" not in p.parts)
@@ -22,6 +23,10 @@ def test_recipes_are_shipped():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(RECIPES).as_posix())
 def test_shipped_recipe_validates(path):
+    if is_pipeline(path):
+        for step in load_pipeline(path).steps:
+            check_sources(step.recipe.data)
+        return
     recipe = load_recipe(path)
     check_sources(recipe.data)
     named_stage = path.name.split("-")[0].removesuffix(".yaml")

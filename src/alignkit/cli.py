@@ -1,5 +1,5 @@
 """Command line: ``alignkit <stage> RECIPE [key=value ...]``, ``validate``, ``plan``, ``merge``, ``score``,
-``demo``.
+``recipes``, ``demo``.
 
 Problems with the user's input (recipe, overrides, data, run dir) print one ``error:`` line and exit
 with code 2; only genuine bugs show a traceback.
@@ -36,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="delete train.output_dir first if it holds a previous run")
         stage_parser.add_argument("--resume", action="store_true",
                                   help="resume an unfinished run even though its recipe changed")
+    pipeline = commands.add_parser("pipeline", help="run a pipeline recipe: its stage recipes in order, skipping "
+                                   "complete steps and resuming an interrupted one")
+    pipeline.add_argument("recipe", help="a recipe with stage: pipeline")
+    pipeline.add_argument("overrides", nargs="*", metavar="step.key=value",
+                          help="overrides addressed to a step by name (e.g. sft.train.max_steps=100)")
+    pipeline.add_argument("--overwrite", action="store_true", help="run every step again from scratch")
+    pipeline.add_argument("--resume", action="store_true",
+                          help="resume an unfinished step even though its recipe changed")
     validate = commands.add_parser("validate", help="check a recipe without loading any model")
     _add_recipe_arguments(validate)
     plan = commands.add_parser("plan", help="parameters, data, steps and peak memory per device, without weights")
@@ -57,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     merge.add_argument("--push", metavar="REPO_ID", help="also upload it to this Hub repository (never by default)")
     merge.add_argument("--public", action="store_true", help="with --push: create the repository public")
+    library = commands.add_parser("recipes", help="list the shipped recipes, or copy one out to edit")
+    library.add_argument("filter", nargs="?", help="only recipes whose name contains this (e.g. qwen, dpo)")
+    library.add_argument("--copy", nargs=2, metavar=("NAME", "DEST"),
+                         help="write recipe NAME (e.g. qwen2.5-0.5b/sft-qlora) to DEST as one standalone file")
+    library.add_argument("--overwrite", action="store_true", help="with --copy: replace an existing DEST")
     score = commands.add_parser("score", help="metrics for an existing predictions file (JSON Lines)")
     score.add_argument("file", help="JSON Lines with 'prediction' and 'reference' or 'references' on each line")
     score.add_argument("--metrics", default="rouge,bleu,chrf,exact_match",
@@ -77,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             return _demo(args)
         if args.command == "score":
             return _score(args)
+        if args.command == "pipeline":
+            return _pipeline(args)
+        if args.command == "recipes":
+            return _recipes(args)
         if args.command == "merge":
             return _merge(args)
         if args.command == "plan":
@@ -101,7 +118,29 @@ def _load(args):
     return recipe
 
 
+def _pipeline(args) -> int:
+    distributed.join_processes()
+    from alignkit.pipeline import load_pipeline, run_pipeline
+
+    pipeline = load_pipeline(args.recipe, args.overrides)
+    run_pipeline(pipeline, overwrite=args.overwrite, resume=args.resume)
+    distributed.wait_for_everyone()
+    if distributed.is_main_process():
+        print(f"\npipeline finished: {pipeline.output_dir / 'report.md'}")
+        for step in pipeline.steps:
+            print(f"  {step.name:12s} {step.recipe.stage:6s} {step.recipe.output_dir}")
+    return 0
+
+
 def _validate(args) -> int:
+    from alignkit.pipeline import is_pipeline, load_pipeline
+
+    if is_pipeline(args.recipe):
+        pipeline = load_pipeline(args.recipe, args.overrides)
+        for step in pipeline.steps:
+            print(f"{step.name}: {step.recipe.stage} -> {step.recipe.output_dir}")
+        print(f"# {args.recipe}: valid pipeline of {len(pipeline.steps)} steps", file=sys.stderr)
+        return 0
     recipe = _load(args)
     print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
     print(f"# {args.recipe}: valid {recipe.stage} recipe", file=sys.stderr)
@@ -124,6 +163,23 @@ def _run_stage(args) -> int:
     for key in sorted(metrics):
         value = metrics[key]
         print(f"  {key:28s} {value:.4f}" if isinstance(value, float) else f"  {key:28s} {value}")
+    return 0
+
+
+def _recipes(args) -> int:
+    from pathlib import Path
+
+    from alignkit.library import copy_recipe, shipped_recipes
+
+    if args.copy:
+        name, destination = args.copy
+        written = copy_recipe(name, Path(destination), overwrite=args.overwrite)
+        print(f"{written}: a copy of {name}; edit it, then: alignkit validate {written}")
+        return 0
+    shown = [r for r in shipped_recipes() if not args.filter or args.filter in r.name]
+    width = max((len(r.name) for r in shown), default=10)
+    for recipe in shown:
+        print(f"{recipe.name:{width}s}  {recipe.stage:6s} {recipe.summary}")
     return 0
 
 

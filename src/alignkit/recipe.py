@@ -345,6 +345,8 @@ def validate(raw: Mapping[str, Any], source: Path | None = None) -> Recipe:
 def _validate(raw: Mapping[str, Any], source: Path | None, adapters, stages) -> Recipe:
     if "stage" not in raw:
         raise RecipeError(f"missing 'stage' (one of: {', '.join(stages.STAGES)})")
+    if raw["stage"] == "pipeline":
+        raise RecipeError("this is a pipeline recipe: run it with `alignkit pipeline FILE`")
     stage = stages.get_stage(schema.coerce(raw["stage"], str, "stage"))
     schema.check_keys(raw, [*COMMON_SECTIONS, *stage.sections], f"the top level of the {stage.name} recipe")
     # A stage section set to null (`reward=null` on the command line) is no section.

@@ -115,18 +115,19 @@ def _decide(path: Path, resolved: dict, *, overwrite: bool, resume: bool) -> Pat
         return None  # interrupted before its first checkpoint: nothing to keep, start again
     saved = yaml.safe_load((path / RECIPE_FILE).read_text()) if (path / RECIPE_FILE).exists() else None
     if saved != resolved and not resume:
-        changed = sorted(_diff_keys(saved or {}, resolved))
+        changed = sorted(diff_keys(saved or {}, resolved))
         raise RunDirError(f"output dir {path} holds an unfinished run (last checkpoint {checkpoint.name}) made "
                           f"with a different recipe (changed: {', '.join(changed) or 'unknown'}); pass --resume "
                           "to continue it with this recipe, or --overwrite to start over")
     return checkpoint
 
 
-def _diff_keys(old: Any, new: Any, prefix: str = "") -> set[str]:
+def diff_keys(old: Any, new: Any, prefix: str = "") -> set[str]:
+    """The dotted keys whose values differ between two resolved recipes."""
     if isinstance(old, dict) and isinstance(new, dict):
         keys: set[str] = set()
         for key in old.keys() | new.keys():
-            keys |= _diff_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+            keys |= diff_keys(old.get(key), new.get(key), f"{prefix}{key}.")
         return keys
     return set() if old == new else {prefix.rstrip(".")}
 

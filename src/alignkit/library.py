@@ -1,0 +1,95 @@
+"""``alignkit recipes``: the shipped recipe library, listed, and copied out as templates to edit.
+
+Shipped recipes live in ``recipes/<model>/<stage>-<variant>.yaml`` (``_base/`` holds shared parts they
+``extend``). A copy is standalone: the ``extends`` chain is merged into one file, headed by the original's
+comments (the command and the hardware it was written for), so it can be edited and moved freely.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from alignkit.errors import AlignkitError
+from alignkit.suggest import did_you_mean
+
+
+@dataclass(frozen=True)
+class ShippedRecipe:
+    """One recipe of the library."""
+
+    name: str        # "qwen2.5-0.5b/sft-qlora"
+    path: Path
+    stage: str
+    model: str
+    summary: str     # the first line of its leading comment
+
+
+def library_dir() -> Path:
+    """The recipes/ folder: ``ALIGNKIT_RECIPES`` if set, else the one next to the source tree (an editable
+    install, as ``make setup`` makes)."""
+    configured = os.environ.get("ALIGNKIT_RECIPES")
+    path = Path(configured) if configured else Path(__file__).resolve().parents[2] / "recipes"
+    if not path.is_dir():
+        raise AlignkitError(f"no recipe library at {path}: set ALIGNKIT_RECIPES to the recipes/ folder of an "
+                            "alignkit checkout")
+    return path
+
+
+def shipped_recipes(root: Path | None = None) -> list[ShippedRecipe]:
+    """Every recipe of the library (``_base`` parts left out), sorted by name."""
+    from alignkit.recipe import load_raw
+
+    root = root or library_dir()
+    found = []
+    for path in sorted(root.rglob("*.yaml")):
+        if "_base" in path.relative_to(root).parts:
+            continue
+        raw = load_raw(path)
+        found.append(ShippedRecipe(name=path.relative_to(root).with_suffix("").as_posix(), path=path,
+                                   stage=str(raw.get("stage", "?")),
+                                   model=str(raw.get("model", {}).get("name_or_path", "?")),
+                                   summary=_leading_comment(path)[0] if _leading_comment(path) else ""))
+    return found
+
+
+def find(name: str, root: Path | None = None) -> ShippedRecipe:
+    """The library recipe called ``name`` (with or without ``.yaml``)."""
+    recipes = {recipe.name: recipe for recipe in shipped_recipes(root)}
+    key = name.removesuffix(".yaml").removeprefix("recipes/")
+    if key not in recipes:
+        raise AlignkitError(f"no shipped recipe '{name}'.{did_you_mean(key, recipes)} List them with: "
+                            "alignkit recipes")
+    return recipes[key]
+
+
+def copy_recipe(name: str, destination: Path, *, overwrite: bool = False, root: Path | None = None) -> Path:
+    """Write the library recipe ``name`` to ``destination`` as one standalone file (its ``extends`` merged
+    in, its header comments kept) and check that the copy validates. Returns the path written."""
+    from alignkit.recipe import load_raw, load_recipe
+
+    recipe = find(name, root)
+    destination = Path(destination)
+    if destination.is_dir():
+        destination = destination / recipe.path.name
+    if destination.exists() and not overwrite:
+        raise AlignkitError(f"{destination} already exists; pass --overwrite to replace it")
+    header = [f"# {line}" if line else "#" for line in _leading_comment(recipe.path)]
+    header.append(f"# Copied from recipes/{recipe.name}.yaml by `alignkit recipes --copy` (extends merged in: "
+                  "this file stands alone).")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.write_text("\n".join(header) + "\n" + yaml.safe_dump(load_raw(recipe.path), sort_keys=False))
+    load_recipe(destination)  # a copy that does not validate is a bug here, not the user's problem
+    return destination
+
+
+def _leading_comment(path: Path) -> list[str]:
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.removeprefix("#").removeprefix(" ").rstrip())
+    return lines
