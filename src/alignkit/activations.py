@@ -45,7 +45,7 @@ def trace_activations(model, batch: int, length: int) -> ActivationTrace:
     import torch
 
     backbone = _backbone(model)
-    layers = _decoder_layers(backbone)
+    layers = decoder_layers(backbone)
     params = {_storage_key(p) for p in model.parameters()}
     seen: set = set()
     saved_by: list[int] = [0] * (len(layers) + 1)  # the last slot: outside the layers
@@ -96,10 +96,11 @@ def _backbone(model):
     return getattr(base, base.base_model_prefix, base)
 
 
-def _decoder_layers(backbone) -> list:
+def decoder_layers(model) -> list:
+    """The repeated blocks of the body (the largest ``nn.ModuleList``): the units traced, and what FSDP wraps."""
     import torch
 
-    lists = [module for module in backbone.modules() if isinstance(module, torch.nn.ModuleList)]
+    lists = [module for module in model.modules() if isinstance(module, torch.nn.ModuleList)]
     return list(max(lists, key=len)) if lists else []
 
 
@@ -119,8 +120,8 @@ class _SavesLikeFusedAttention:
                 return output
 
             @staticmethod
-            def backward(ctx, grad):  # never run: the trace does not go backwards
-                raise NotImplementedError
+            def backward(ctx, grad):
+                raise RuntimeError("the activation trace runs forward only")
 
         self.attention = Attention
 

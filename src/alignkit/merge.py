@@ -64,16 +64,16 @@ def merge_run(run_dir: Path, output: Path | None = None, *, dtype: str = "auto",
     target = _target_dtype(dtype, base_settings, base)
     if dequantized:
         base = base.dequantize(dtype=target)
+    tokenizer = _tokenizer(run_dir)
     if head == "reward":
-        tokenizer_pad = _tokenizer(run_dir).pad_token_id
-        base.config.pad_token_id = tokenizer_pad
+        base.config.pad_token_id = tokenizer.pad_token_id
     merged = modeling.merge_adapter(base, run_dir).to(target)
     merged.config.dtype = target
     if hasattr(merged.config, "quantization_config"):
         del merged.config.quantization_config  # the saved weights are plain tensors
     output.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(output)
-    _tokenizer(run_dir).save_pretrained(output)
+    tokenizer.save_pretrained(output)
     (output / "README.md").write_text(model_card(run_dir, base_settings.name_or_path, recipe, dequantized,
                                                  str(target).removeprefix("torch.")))
     logger.info("merged model written to %s", output)

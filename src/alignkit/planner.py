@@ -58,7 +58,7 @@ def meta_model(config, head: modeling.Head = "causal_lm"):
 def count_parameters(model, adapter: dict[str, Any], head: modeling.Head = "causal_lm") -> ParameterCounts:
     """Counts for ``model`` (a meta model) with the recipe's ``adapter`` section attached as peft attaches it."""
     quantizable = _quantizable_weights(model)
-    largest = max((_numel(layer) for layer in _decoder_layers(model)), default=0)
+    largest = max((_numel(layer) for layer in activations.decoder_layers(model)), default=0)
     if adapter["method"] != "none":
         from peft import get_peft_model
 
@@ -79,27 +79,8 @@ def _numel(module) -> int:
 
 
 def _quantizable_weights(model) -> int:
-    """Weights bitsandbytes replaces with 4/8-bit ones: every linear layer (nn.Linear, GPT-2's Conv1D) except
-    the output layer (transformers keeps the output embeddings unquantised), counted once if tied."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    output = model.get_output_embeddings()
-    seen: set[int] = set()
-    count = 0
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not output and id(module.weight) not in seen:
-            seen.add(id(module.weight))
-            count += module.weight.numel()
-    return count
-
-
-def _decoder_layers(model) -> list:
-    """The repeated blocks of the body (the largest ``nn.ModuleList``): the units FSDP wraps."""
-    import torch
-
-    lists = [module for module in model.modules() if isinstance(module, torch.nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    """Weights bitsandbytes replaces with 4/8-bit ones (see ``_quantizable_modules``), counted once if tied."""
+    return sum({id(m.weight): m.weight.numel() for m in _quantizable_modules(model)}.values())
 
 
 # ---- memory ---------------------------------------------------------------------------------------------
@@ -157,8 +138,7 @@ def training_shape(recipe: Recipe, args) -> memory.Shape:
     checkpointing = bool(getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing",
                                                                                     False))
     precision = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else None
-    optimizer = str(getattr(args, "optim", "adamw_torch"))
-    optimizer = getattr(getattr(args, "optim", None), "value", optimizer)
+    optimizer = getattr(args.optim, "value", str(args.optim))  # OptimizerNames member or plain text
     return memory.Shape(batch=args.per_device_train_batch_size, length=int(length),
                         gradient_accumulation=args.gradient_accumulation_steps, checkpointing=checkpointing,
                         optimizer=optimizer, mixed_precision=precision,
@@ -262,7 +242,7 @@ def estimate_memory(recipe: Recipe, launch: memory.Launch, *, head: modeling.Hea
     model, quantized = as_trained(recipe, config, head)
     params = memory.parameter_bytes(model, recipe.model.quantization, shape.optimizer, quantized)
     params.largest_layer = max((sum(_param_size(p, quantized, recipe) for p in layer.parameters())
-                                for layer in _decoder_layers(model)), default=0)
+                                for layer in activations.decoder_layers(model)), default=0)
     trace_model = model
     hidden = _hidden_dtype(model, shape)
     if hidden != _hidden_dtype(model, dataclasses.replace(shape, mixed_precision=None)):
@@ -442,6 +422,8 @@ def _param_size(parameter, quantized: set[int], recipe: Recipe) -> int:
 
 
 def _quantizable_modules(model) -> list:
+    """Every linear layer (nn.Linear, GPT-2's Conv1D) but the output layer and a reward model's score head,
+    which transformers keeps unquantised."""
     import torch
     from transformers.pytorch_utils import Conv1D
 
