@@ -23,8 +23,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
+# make demo: the whole demo pipeline (SFT -> RM -> PPO and DPO -> evaluation), report in runs/demo/report.md
 demo: setup
-	$(ALIGNKIT) demo
+	$(LAUNCH) pipeline recipes/demo/pipeline.yaml $(ARGS)
 
 validate: setup
 	$(ALIGNKIT) validate $(or $(RECIPE),recipes/demo/sft.yaml) $(ARGS)

@@ -102,8 +102,8 @@ def test_inline_steps_get_their_own_run_dirs_and_overrides_address_steps_by_name
 
 def test_the_demo_pipeline_validates_and_a_stage_command_points_to_pipeline(capsys):
     result = run_cli("validate", str(RECIPES / "demo" / "pipeline.yaml"))
-    assert result.returncode == 0 and "valid pipeline of 4 steps" in result.stderr
-    assert "rm: rm -> runs/demo-rm" in result.stdout
+    assert result.returncode == 0 and "valid pipeline of 6 steps" in result.stderr
+    assert "rm: rm -> runs/demo/rm" in result.stdout and "eval-dpo: eval -> runs/demo/eval-dpo" in result.stdout
     wrong = run_cli("sft", str(RECIPES / "demo" / "pipeline.yaml"))
     assert wrong.returncode == 2 and "alignkit pipeline FILE" in wrong.stderr
     with pytest.raises(RecipeError, match="pipeline recipe"):

@@ -66,7 +66,7 @@ def test_ppo_run_dir_holds_policy_log_plots_and_metrics(tmp_path):
                      "train.missing_eos_penalty=1.0")
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "recipe.yaml",
-                 "ppo_reward.svg", "ppo_kl.svg", "samples.jsonl"):
+                 "report.md", "reward.png", "kl.png", "samples.jsonl", "log_history.json"):
         assert (run_dir / name).is_file(), name
     log = [json.loads(line) for line in (run_dir / "ppo_log.jsonl").read_text().splitlines()]
     assert [entry["update"] for entry in log] == [1, 2, 3]
@@ -77,7 +77,21 @@ def test_ppo_run_dir_holds_policy_log_plots_and_metrics(tmp_path):
     for key in ("ppo/reward_start", "ppo/reward_end", "ppo/kl_end", "ppo/eval_reward_start", "ppo/eval_reward_end"):
         assert isinstance(metrics[key], float), key
     assert metrics["ppo/updates"] == 3
-    assert "<polyline" in (run_dir / "ppo_reward.svg").read_text()
+    # The report's curves: every update, and the held-out reward before the first and after the last.
+    history = json.loads((run_dir / "log_history.json").read_text())
+    assert [entry["step"] for entry in history] == [0, 1, 2, 3, 3]
+    assert history[0]["eval_reward"] == metrics["ppo/eval_reward_start"]
+    assert history[-1]["eval_reward"] == metrics["ppo/eval_reward_end"]
+    assert (run_dir / "reward.png").read_bytes().startswith(b"\x89PNG")
+    report = (run_dir / "report.md").read_text()
+    assert "| ppo/eval_reward |" in report and "![reward](reward.png)" in report and "![kl](kl.png)" in report
+    # TensorBoard (the default report_to) got every update's statistics through transformers' callback.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((run_dir / "runs").iterdir())))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/reward")] == [1, 2, 3]
+    assert [event.step for event in events.Scalars("eval/reward")] == [0, 3]
     # Only the policy adapter is the run's model; the reference and critic adapters are not saved with it.
     assert not (run_dir / "critic").exists() and not (run_dir / "reference").exists()
 

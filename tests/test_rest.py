@@ -98,7 +98,9 @@ def test_demo_rest_raises_the_held_out_reward_after_every_improve_step(noisy_sft
     assert json.loads((run_dir / "adapter_config.json").read_text())["base_model_name_or_path"].endswith("tiny-llama")
     assert (run_dir / "adapter_model.safetensors").read_bytes() == \
         (run_dir / "improve-3" / "adapter_model.safetensors").read_bytes()
-    assert (run_dir / "rest_reward.svg").is_file()
+    assert (run_dir / "reward.png").is_file()
+    history = json.loads((run_dir / "log_history.json").read_text())
+    assert [entry["step"] for entry in history] == [0, 1, 2, 3] and "eval_reward" in history[0]
 
 
 def test_killed_rest_run_resumes_after_its_last_improve_step(noisy_sft_run, tmp_path):

@@ -46,7 +46,7 @@ def test_the_demo_recipe_continues_the_sft_adapter_and_raises_the_held_out_rewar
     # The run dir holds the SFT adapter trained further (on the original base), its reward curve and data.
     adapter_config = json.loads((run_dir / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"].endswith("tiny-llama")
-    assert (run_dir / "adapter_model.safetensors").is_file() and (run_dir / f"{stage}_reward.svg").is_file()
+    assert (run_dir / "adapter_model.safetensors").is_file() and (run_dir / "reward.png").is_file()
     assert json.loads((run_dir / "data.json").read_text())["eval_rows"] == metrics[f"{stage}/eval_prompts"] == 200
     for name in ("eval_reward_start", "eval_reward_end", "reward_start", "reward_end"):
         assert 0.0 <= metrics[f"{stage}/{name}"] <= 1.0, metrics

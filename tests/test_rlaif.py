@@ -157,7 +157,7 @@ def test_rlaif_with_a_rule_judge_revises_then_writes_the_labelled_pairs_and_trai
     # The run dir is the policy: the iteration's adapter, on the original base.
     adapter = "adapter_model.safetensors"
     assert (run_dir / adapter).read_bytes() == (iteration / adapter).read_bytes()
-    assert (run_dir / "rlaif_reward.svg").is_file()
+    assert (run_dir / "reward.png").is_file() and "rlaif/eval_reward" in (run_dir / "report.md").read_text()
 
 
 def test_rlaif_reward_model_objective_learns_the_ai_labels(noisy_sft_run, tmp_path):

@@ -121,14 +121,17 @@ def _load(args):
 def _pipeline(args) -> int:
     distributed.join_processes()
     from alignkit.pipeline import load_pipeline, run_pipeline
+    from alignkit.reports import before_and_after
 
     pipeline = load_pipeline(args.recipe, args.overrides)
-    run_pipeline(pipeline, overwrite=args.overwrite, resume=args.resume)
+    results = run_pipeline(pipeline, overwrite=args.overwrite, resume=args.resume)
     distributed.wait_for_everyone()
     if distributed.is_main_process():
         print(f"\npipeline finished: {pipeline.output_dir / 'report.md'}")
         for step in pipeline.steps:
-            print(f"  {step.name:12s} {step.recipe.stage:6s} {step.recipe.output_dir}")
+            print(f"  {step.name} ({step.recipe.stage}): {step.recipe.output_dir}")
+            for change in before_and_after(results[step.name]):
+                print(f"    {change.name:28s} {change.before:10.4f} -> {change.after:.4f}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Generation-based evaluation: generate for held-out prompts, score, write predictions and report.md.
+"""Generation-based evaluation: generate for held-out prompts, score, write predictions and evaluation.md
+(which the run's report.md includes).
 
 Shared by the ``eval`` stage and by the ``evaluate:`` section of training recipes. With
 ``evaluate.compare`` a second model answers the same prompts and the report shows both side by side.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from alignkit import distributed, modeling
 from alignkit.generation import generate
 from alignkit.metrics import compute
 from alignkit.recipe import EvaluateSettings, ModelSettings, Recipe
+from alignkit.reports import EVALUATION_FILE
 
 if TYPE_CHECKING:
     from alignkit.training import Fitted
@@ -50,10 +52,14 @@ def held_out_examples(dataset, max_samples: int | None) -> tuple[list, list[str]
 
 
 def evaluate_model(model, tokenizer, prompts: list, references: list[str], settings: EvaluateSettings,
-                   label: str) -> Evaluation:
-    """Generate an answer to every prompt and score the answers against the references."""
+                   label: str, reward: Callable[..., list[float]] | None = None) -> Evaluation:
+    """Generate an answer to every prompt and score the answers against the references (and with ``reward``,
+    ``reward(prompts, answers, columns) -> rewards``, as ``reward``: the mean)."""
     predictions = generate(model, tokenizer, prompts, settings.generation)
     scores = compute(settings.metrics, predictions, references, options=settings.metric_options)
+    if reward is not None:
+        rewards = reward(prompts, predictions, {})
+        scores["reward"] = sum(rewards) / len(rewards)
     return Evaluation(label=label, prompts=prompts, references=references, predictions=predictions, scores=scores)
 
 
@@ -66,16 +72,19 @@ def evaluate_generations(model, tokenizer, dataset, settings: EvaluateSettings) 
 
 def evaluate_and_report(model, tokenizer, dataset, settings: EvaluateSettings, run_dir: Path, *, label: str,
                         base_settings: ModelSettings) -> dict[str, Any]:
-    """Evaluate ``model`` (and ``settings.compare``) on ``dataset``; write predictions and report.md.
+    """Evaluate ``model`` (and ``settings.compare``) on ``dataset``; write predictions and evaluation.md.
 
     Returns ``eval/<metric>`` for the model and ``compare/<metric>`` for the comparison model.
     ``base_settings`` describe the model before training, for ``compare: base``.
     """
+    from alignkit.rewards import monitoring_reward
+
     prompts, references = held_out_examples(dataset, settings.max_samples)
-    results = [evaluate_model(model, tokenizer, prompts, references, settings, label)]
+    reward = monitoring_reward(settings.reward)  # loaded once, for both models
+    results = [evaluate_model(model, tokenizer, prompts, references, settings, label, reward)]
     if settings.compare:
         with comparison_model(settings.compare, model, tokenizer, base_settings) as (other, other_tokenizer, name):
-            results.append(evaluate_model(other, other_tokenizer, prompts, references, settings, name))
+            results.append(evaluate_model(other, other_tokenizer, prompts, references, settings, name, reward))
 
     write_predictions(run_dir / "predictions.jsonl", results[0])
     metrics: dict[str, Any] = {f"eval/{k}": v for k, v in results[0].scores.items()} | {"eval/samples": len(prompts)}
@@ -87,7 +96,8 @@ def evaluate_and_report(model, tokenizer, dataset, settings: EvaluateSettings, r
         judged = judge_win_rates(settings, results)
         metrics |= {f"eval/{k}": v for k, v in judged.items()}
     judge_label = settings.judge.label if settings.judge else None
-    distributed.write_text(run_dir / "report.md", render_report(results, settings.report_samples, judged, judge_label))
+    report = render_report(results, settings.report_samples, judged, judge_label)
+    distributed.write_text(run_dir / EVALUATION_FILE, report)
     return metrics
 
 

@@ -6,7 +6,7 @@ and a ``recipe`` (a file, relative to the pipeline file, or a recipe written inl
 ``${<name>.output}``, e.g. ``model.name_or_path: ${sft.output}``::
 
     stage: pipeline
-    output_dir: runs/demo-pipeline
+    output_dir: runs/my-pipeline
     steps:
       - {name: sft, recipe: sft.yaml}
       - {name: rm, recipe: rm.yaml, overrides: {model.name_or_path: "${sft.output}"}}
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -218,18 +219,32 @@ def _check_same_recipe(step: Step) -> None:
 
 
 def render_report(pipeline: Pipeline, results: dict[str, dict], outcomes: dict[str, str]) -> str:
-    """Markdown: each step's stage, run dir, what happened this time, and what it measured."""
+    """Markdown: each step's stage, run dir and what happened this time; then per step its measures before and
+    after, its charts (linked from the step's run dir) and every metric."""
+    from alignkit import reports
+
     lines = [f"# Pipeline {pipeline.source.name}", "", "| step | stage | run dir | this run |", "|---|---|---|---|"]
     lines += [f"| {s.name} | {s.recipe.stage} | `{s.recipe.output_dir}` | {outcomes[s.name]} |"
               for s in pipeline.steps]
     for step in pipeline.steps:
+        run_dir = step.recipe.output_dir
         metrics = {key: value for key, value in sorted(results[step.name].items())
                    if not key.startswith(BOOKKEEPING) and isinstance(value, (int, float))}
         lines += ["", f"## {step.name} ({step.recipe.stage})", ""]
-        if (step.recipe.output_dir / "report.md").is_file():
-            lines.append(f"Details: `{step.recipe.output_dir / 'report.md'}`.")
+        lines += reports.render_changes(reports.before_and_after(results[step.name]))
+        charts = [chart for chart in reports.CHARTS if (run_dir / f"{chart.name}.png").is_file()]
+        if charts:
             lines.append("")
-        lines += ["| metric | value |", "|---|---|"]
+            lines += [f"![{step.name}: {chart.name}]({_relative(run_dir / f'{chart.name}.png', pipeline.output_dir)})"
+                      for chart in charts]
+        if (run_dir / reports.REPORT_FILE).is_file():
+            lines += ["", f"Details: `{run_dir / reports.REPORT_FILE}`."]
+        lines += ["", "| metric | value |", "|---|---|"]
         lines += [f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |"
                   for key, value in metrics.items()]
     return "\n".join(lines) + "\n"
+
+
+def _relative(path: Path, start: Path) -> str:
+    """``path`` as a link from a file in ``start`` (markdown viewers resolve links from the file's folder)."""
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()

@@ -26,6 +26,7 @@ import yaml
 from alignkit import schema
 from alignkit.errors import RecipeError
 from alignkit.feedback.settings import JudgeSettings
+from alignkit.rewards import RewardSettings
 from alignkit.schema import Raw
 
 # --------------------------------------------------------------------------------------------------
@@ -206,6 +207,11 @@ class EvaluateSettings:
                   "(an rm run dir); a mapping is any judge: {kind: llm | reward_model | rule, model | function, ...} "
                   "(see alignkit.feedback.JudgeSettings)."},
     )
+    reward: RewardSettings | None = field(
+        default=None,
+        metadata={"help": "Score every model's answers with these reward sources (reward models, rule functions; as "
+                  "the RL stages' reward section): eval/reward (and compare/reward) is their mean weighted sum."},
+    )
     tie_margin: float = field(
         default=0.0,
         metadata={"help": "Judge preferences within 0.5 +- tie_margin (probabilities that the model's answer is "
@@ -363,6 +369,9 @@ def _validate(raw: Mapping[str, Any], source: Path | None, adapters, stages) -> 
     if stage.check_train is not None:
         stage.check_train(train)
     train.setdefault("output_dir", str(Path("runs") / (source.stem if source else stage.name)))
+    if "report_to" in getattr(stage.config_class(raw), "__dataclass_fields__", {}):
+        # TensorBoard event files in the run dir (offline, nothing leaves the machine) unless the recipe says.
+        train.setdefault("report_to", ["tensorboard"])
     evaluate = raw.get("evaluate")
     recipe = Recipe(
         stage=stage.name,

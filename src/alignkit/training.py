@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignkit import adapters, distributed, modeling
+from alignkit import adapters, distributed, modeling, reports
 from alignkit.data import PreparedData
 from alignkit.errors import RecipeError
 from alignkit.recipe import QUANTISED_FULL_FINE_TUNE, Recipe, is_run_with_adapter
@@ -28,6 +28,8 @@ def run_stage(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) 
     run = open_run_dir(recipe, overwrite=overwrite, resume=resume)
     metrics = stage.run(recipe, run)
     metrics["run/world_size"] = distributed.world_size()
+    # Before the run is marked complete, so that a complete run always has its report.
+    reports.write_report(run.path, recipe.stage, recipe.to_dict(), metrics)
     run.finish(metrics)
     return metrics
 
@@ -188,13 +190,20 @@ def train(trainer, run: RunDir, eval_names: Mapping[str, str]) -> dict[str, floa
         metrics.update({"train/loss_start": losses[0], "train/loss_end": losses[-1]})
     if trainer.eval_dataset is not None:
         held_out = trainer.evaluate()
+        # With train.eval_on_start the trainer evaluated before its first step too: the "before" of report.md.
+        before = next((entry for entry in trainer.state.log_history if entry.get("step") == 0
+                       and "eval_loss" in entry), {})
         for name, value in {"eval_loss": "eval/loss", **eval_names}.items():
             if name in held_out and math.isfinite(held_out[name]):
                 metrics[value] = held_out[name]
+            if name in before and math.isfinite(before[name]):
+                metrics[f"{value}_start"] = before[name]
         missing = set(eval_names) - set(held_out)
         if missing:  # a TRL upgrade renamed a metric: say so rather than silently dropping it
             logger.warning("the trainer reported no %s (it reported: %s)", ", ".join(sorted(missing)),
                            ", ".join(sorted(held_out)))
+    # The curves of report.md: every logged entry, the final evaluation included.
+    reports.write_history(run.path, trainer.state.log_history)
     return metrics
 
 

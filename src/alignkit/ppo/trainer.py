@@ -96,14 +96,17 @@ class PPOTrainer:
         self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=args.get_warmup_steps(optimizer_steps),
                                        num_training_steps=optimizer_steps)
+        self._init_reporting()
 
     # ---- the loop --------------------------------------------------------------------------------------
 
     def train(self) -> dict[str, Any]:
         """Run every update (resuming from the run dir's last checkpoint), save the policy, return metrics."""
         start = self._resume() if self.run.resume_from else 0
+        self.reporting.on_train_begin(self.args, self.trainer_state, self.control)
         if start == 0 and self.eval_prompts is not None:
             self.eval_reward_start = self.evaluate()
+            self._report({"eval_reward": self.eval_reward_start}, 0)
         sample_every = max(1, self.updates // self.args.num_sample_generations) if self.args.num_sample_generations \
             else 0
         for update in range(start + 1, self.updates + 1):
@@ -226,16 +229,11 @@ class PPOTrainer:
         return sum(rewards) / len(rewards)
 
     def _finish(self) -> dict[str, Any]:
-        from alignkit.plots import write_line_plot
+        from alignkit.reports import write_history
 
         if self.state.is_main_process:
             self.models.save_policy(self.run.path)
             self.tokenizer.save_pretrained(str(self.run.path))
-            updates = [entry["update"] for entry in self.history]
-            write_line_plot(self.run.path / "ppo_reward.svg", "PPO: mean reward per update", updates,
-                            {"reward": [e["reward"] for e in self.history]})
-            write_line_plot(self.run.path / "ppo_kl.svg", "PPO: KL to the reference per update", updates,
-                            {"kl": [e["kl"] for e in self.history]})
         self.state.wait_for_everyone()
         window = max(1, min(10, len(self.history) // 10))  # smooths the single-batch noise of one update
         mean = lambda entries, key: sum(e[key] for e in entries) / len(entries)  # noqa: E731
@@ -249,10 +247,17 @@ class PPOTrainer:
             "ppo/seconds_per_update": mean(self.history, "seconds"),
             "ppo/average_window": window,
         }
+        # The report's curves: one entry per update, and the held-out reward before the first and after the last.
+        curves = [{"step": entry["update"], **entry} for entry in self.history]
         if self.eval_prompts is not None:
             metrics["ppo/eval_reward_start"] = self.eval_reward_start
             metrics["ppo/eval_reward_end"] = self.evaluate()
+            self._report({"eval_reward": metrics["ppo/eval_reward_end"]}, len(self.history))
             metrics["ppo/eval_prompts"] = len(self.eval_prompts)
+            curves = [{"step": 0, "eval_reward": self.eval_reward_start}, *curves,
+                      {"step": len(self.history), "eval_reward": metrics["ppo/eval_reward_end"]}]
+        write_history(self.run.path, curves)
+        self.reporting.on_train_end(self.args, self.trainer_state, self.control)
         return metrics
 
     # ---- rollout helpers -----------------------------------------------------------------------------------
@@ -395,8 +400,25 @@ class PPOTrainer:
         episodes = self.args.local_rollout_batch_size * self.world_size
         self.kl_coef *= 1 + error * episodes / self.args.kl_horizon
 
+    def _init_reporting(self) -> None:
+        """transformers' logging integrations named by ``report_to`` (TensorBoard, W&B, MLflow...), driven as the
+        Trainer drives them: begin, one log per update, end."""
+        from transformers.integrations import get_reporting_integration_callbacks
+        from transformers.trainer_callback import CallbackHandler, TrainerControl, TrainerState
+
+        callbacks = [callback() for callback in get_reporting_integration_callbacks(self.args.report_to)]
+        self.reporting = CallbackHandler(callbacks, self.models.policy, self.tokenizer, self.optimizer, self.scheduler)
+        self.trainer_state = TrainerState(is_local_process_zero=self.state.is_local_main_process,
+                                          is_world_process_zero=self.state.is_main_process, max_steps=self.updates)
+        self.control = TrainerControl()
+
+    def _report(self, values: dict[str, float], update: int) -> None:
+        self.trainer_state.global_step = update
+        self.reporting.on_log(self.args, self.trainer_state, self.control, logs=dict(values))
+
     def _log(self, stats: dict[str, float]) -> None:
         self.history.append(stats)
+        self._report(stats, int(stats["update"]))
         if not self.state.is_main_process:
             return
         with (self.run.path / LOG_FILE).open("a") as log:

@@ -2,8 +2,8 @@
 
 recipe -> PPOConfig (``train``) -> prompt-only data -> reward sources (``reward``) -> policy, reference and
 critic (one base when the policy has an adapter) -> PPO updates -> run dir with the policy adapter (or
-model), ``ppo_log.jsonl`` (every update's statistics), ``samples.jsonl``, ``ppo_reward.svg`` and
-``ppo_kl.svg``, and ``metrics.json``:
+model), ``ppo_log.jsonl`` (every update's statistics), ``samples.jsonl``, ``metrics.json`` and report.md
+(reward and KL curves):
 
   ppo/reward_start, ppo/reward_end  mean reward of the rollouts over the first / last updates (a window of
                                     a tenth of the updates, 1 to 10, smooths the noise of single batches)

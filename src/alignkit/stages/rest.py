@@ -6,7 +6,7 @@ recipe -> prompts (``data``, prompt-only formats) -> reward sources (``reward``)
 sample ``samples_per_prompt`` answers per prompt with the current policy and score them -> for each improve
 step: keep the samples that pass the step's bar, SFT the policy on them (``train``: TRL's SFTConfig, per
 improve step), measure the held-out reward -> run dir with the final policy, ``rest_log.jsonl``,
-``rest_reward.svg`` and ``metrics.json``.
+``metrics.json`` and report.md (the held-out reward per improve step).
 
 Run dir layout: ``grow-<g>/samples.jsonl`` (every sample and its reward), ``improve-<k>/`` (the k-th
 improve step's SFT run: ``kept.jsonl``, its checkpoints, the policy after it) and ``checkpoint-<k>/`` (the
@@ -167,7 +167,7 @@ def _improve(recipe: Recipe, settings: RestSettings, run_dir: RunDir, step: int,
 # ---- state, resume and results ------------------------------------------------------------------------------
 
 def _finish(recipe: Recipe, run_dir: RunDir, state: dict[str, Any]) -> dict[str, Any]:
-    from alignkit.plots import write_line_plot
+    from alignkit.reports import write_history
 
     history = state["history"]
     if state["policy"] is None:
@@ -175,10 +175,9 @@ def _finish(recipe: Recipe, run_dir: RunDir, state: dict[str, Any]) -> dict[str,
                           "(or rest.min_reward) or sample more (rest.samples_per_prompt)")
     adopt_final_model(run_dir, Path(state["policy"]), keep_out=(KEPT_FILE,))
     evaluated = [e for e in history if e.get("eval_reward") is not None]
-    steps = [0, *(e["step"] for e in evaluated)]
-    if state["eval_reward_start"] is not None and evaluated:
-        write_line_plot(run_dir.path / "rest_reward.svg", "ReST: held-out reward after each improve step", steps,
-                        {"held-out reward": [state["eval_reward_start"], *(e["eval_reward"] for e in evaluated)]})
+    # The report's curves: per improve step, the mean sample reward and the held-out reward (also before step 1).
+    start = [{"step": 0, "eval_reward": state["eval_reward_start"]}] if state["eval_reward_start"] is not None else []
+    write_history(run_dir.path, [*start, *history])
     metrics: dict[str, Any] = {
         "rest/improve_steps": len(history),
         "rest/sample_reward_start": history[0]["sample_reward"],

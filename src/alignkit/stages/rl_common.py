@@ -3,7 +3,7 @@
 recipe -> GRPOConfig / RLOOConfig (``train``, argument names as in TRL; the reward weights come from
 ``reward.sources``) -> prompt-only data -> one reward function per source -> policy (a fresh adapter, or a
 run dir's adapter trained further) -> greedy answers to the held-out prompts -> TRL's trainer -> greedy
-answers again -> run dir with the policy adapter (or model), ``<stage>_reward.svg`` and ``metrics.json``:
+answers again -> run dir with the policy adapter (or model), ``metrics.json`` and report.md (reward curve):
 
   <stage>/reward_start, _end       mean reward of the sampled training answers, from the ``reward`` TRL logs
                                    every ``logging_steps``: the mean of the first / last logged entries (a
@@ -81,8 +81,6 @@ def run(recipe: Recipe, run_dir: RunDir, *, stage: str, config_class: type, trai
     if end is not None:
         metrics[f"{stage}/eval_reward_end"] = end
         metrics[f"{stage}/eval_prompts"] = len(held_out_prompts(fitted.data.eval, recipe))
-    if trainer.is_world_process_zero():
-        write_reward_plot(run_dir, stage, trainer.state.log_history)
     return metrics
 
 
@@ -131,13 +129,3 @@ def logged_reward(log_history: list[dict[str, Any]], stage: str) -> dict[str, fl
     return {f"{stage}/reward_start": sum(rewards[:window]) / window,
             f"{stage}/reward_end": sum(rewards[-window:]) / window,
             f"{stage}/reward_window": window}
-
-
-def write_reward_plot(run_dir: RunDir, stage: str, log_history: list[dict[str, Any]]) -> None:
-    """``<stage>_reward.svg``: the logged mean training reward against the step."""
-    from alignkit.plots import write_line_plot
-
-    entries = [entry for entry in log_history if entry.get("reward") is not None]
-    if entries:
-        write_line_plot(run_dir.path / f"{stage}_reward.svg", f"{stage.upper()}: mean reward of the sampled answers",
-                        [entry["step"] for entry in entries], {"reward": [entry["reward"] for entry in entries]})

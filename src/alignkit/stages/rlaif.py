@@ -7,7 +7,7 @@ recipe -> prompts (``data``, prompt-only formats) -> the judge (``rlaif.judge``)
 preference for each pair -> keep pairs with confidence >= ``min_confidence`` -> DPO the policy on them (or
 train a reward model, ``objective: rm``) -> the held-out reward, when the recipe has a ``reward`` section to
 monitor with (it never labels anything) -> run dir with the final policy (or reward model),
-``rlaif_log.jsonl``, ``rlaif_reward.svg`` and ``metrics.json``.
+``rlaif_log.jsonl``, ``metrics.json`` and report.md (the held-out reward per iteration).
 
 With ``rlaif.revision`` the loop starts with Constitutional AI's supervised stage: the policy answers
 ``revision.prompts`` prompts, the policy (or ``revision.model``) critiques each answer against the
@@ -240,7 +240,7 @@ def _revise(recipe: Recipe, revision: RevisionSettings, run_dir: RunDir, prompts
 # ---- results ------------------------------------------------------------------------------------------------
 
 def _finish(run_dir: RunDir, state: dict[str, Any]) -> dict[str, Any]:
-    from alignkit.plots import write_line_plot
+    from alignkit.reports import write_history
 
     history = [entry for entry in state["history"] if entry["iteration"] > 0]  # not the revision step
     if state["policy"] is None:
@@ -263,9 +263,9 @@ def _finish(run_dir: RunDir, state: dict[str, Any]) -> dict[str, Any]:
     if state["eval_reward_start"] is not None and evaluated:
         metrics["rlaif/eval_reward_start"] = state["eval_reward_start"]
         metrics["rlaif/eval_reward_end"] = evaluated[-1]["eval_reward"]
-        write_line_plot(run_dir.path / "rlaif_reward.svg", "RLAIF: held-out reward after each iteration",
-                        [0, *(entry["iteration"] for entry in evaluated)],
-                        {"held-out reward": [state["eval_reward_start"], *(e["eval_reward"] for e in evaluated)]})
+    # The report's curves: per iteration, the judged pairs' sample reward and the held-out reward (also before).
+    start = [{"step": 0, "eval_reward": state["eval_reward_start"]}] if state["eval_reward_start"] is not None else []
+    write_history(run_dir.path, [*start, *({"step": entry["iteration"], **entry} for entry in history)])
     return metrics
 
 

@@ -2,7 +2,8 @@
 
 recipe -> sequence classifier with one label (+ adapter; peft saves the new head with it) -> pairs ->
 RewardTrainer -> run dir. Held-out pairs give ``rm/accuracy`` (chosen scored above rejected) and
-``rm/margin`` (mean score difference). The run dir loads back as a scorer: ``alignkit.feedback.RewardModel``.
+``rm/margin`` (mean score difference), before training too (``rm/accuracy_start``, ``rm/margin_start``).
+The run dir loads back as a scorer: ``alignkit.feedback.RewardModel``.
 """
 
 from __future__ import annotations
@@ -22,14 +23,25 @@ from alignkit.stages import Stage
 
 def run(recipe: Recipe, run_dir: RunDir) -> dict:
     check_starts_new_head(recipe, "the rm stage")
+
+    def held_out_accuracy(trainer, tokenizer, pairs) -> dict[str, float]:
+        # Scored with the same scorer later stages load (TRL's own accuracy is a mean of per-batch means).
+        scorer = RewardModel(model=trainer.model, tokenizer=tokenizer,
+                             batch_size=trainer.args.per_device_eval_batch_size)
+        return pair_accuracy(scorer, pairs)
+
+    def before_train(trainer, tokenizer, data) -> dict[str, float]:
+        # The new head before its first step (a fresh head scores at chance): the "before" of report.md.
+        if data.eval is None:
+            return {}
+        return {f"{key}_start": value for key, value in held_out_accuracy(trainer, tokenizer, data.eval).items()}
+
     fitted = training.fit(recipe, run_dir, config_class=RewardConfig, trainer_class=RewardTrainer,
-                          load_data=partial(load_preference_data, kind="pairs"), head="reward")
+                          load_data=partial(load_preference_data, kind="pairs"), head="reward",
+                          before_train=before_train)
     if fitted.data.eval is None:
         return fitted.metrics
-    # Scored with the same scorer later stages load (TRL's own accuracy is a mean of per-batch means).
-    scorer = RewardModel(model=fitted.trainer.model, tokenizer=fitted.tokenizer,
-                         batch_size=fitted.trainer.args.per_device_eval_batch_size)
-    return fitted.metrics | pair_accuracy(scorer, fitted.data.eval)
+    return fitted.metrics | held_out_accuracy(fitted.trainer, fitted.tokenizer, fitted.data.eval)
 
 
 def check_starts_new_head(recipe: Recipe, who: str) -> None:
@@ -43,8 +55,13 @@ def check_starts_new_head(recipe: Recipe, who: str) -> None:
 def pair_accuracy(scorer: RewardModel, pairs) -> dict[str, float]:
     """``rm/accuracy`` (share of pairs whose chosen answer scores higher) and ``rm/margin`` (mean difference)."""
     prompts = pairs["prompt"]
-    chosen = scorer.score(prompts, [answer[-1]["content"] for answer in pairs["chosen"]])
-    rejected = scorer.score(prompts, [answer[-1]["content"] for answer in pairs["rejected"]])
+    training_mode = scorer.model.training
+    scorer.model.eval()  # dropout off while scoring, whichever mode the trainer left the model in
+    try:
+        chosen = scorer.score(prompts, [answer[-1]["content"] for answer in pairs["chosen"]])
+        rejected = scorer.score(prompts, [answer[-1]["content"] for answer in pairs["rejected"]])
+    finally:
+        scorer.model.train(training_mode)
     differences = [c - r for c, r in zip(chosen, rejected, strict=True)]
     return {"rm/accuracy": sum(d > 0 for d in differences) / len(differences),
             "rm/margin": sum(differences) / len(differences)}
