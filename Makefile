@@ -1,4 +1,4 @@
-# alignkit: `make setup sft` on a fresh machine, then `make test`.
+# alignkit: `make setup demo` on a fresh machine, then `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 ALIGNKIT = $(VENV)/bin/alignkit

@@ -130,8 +130,12 @@ def _pipeline(args) -> int:
         print(f"\npipeline finished: {pipeline.output_dir / 'report.md'}")
         for step in pipeline.steps:
             print(f"  {step.name} ({step.recipe.stage}): {step.recipe.output_dir}")
-            for change in before_and_after(results[step.name]):
+            metrics = results[step.name]
+            for change in before_and_after(metrics):
                 print(f"    {change.name:28s} {change.before:10.4f} -> {change.after:.4f}")
+            if "eval/win_rate" in metrics:
+                rates = " / ".join(f"{metrics[f'eval/{name}_rate']:.3f}" for name in ("win", "tie", "loss"))
+                print(f"    {'judged win / tie / loss':28s} {rates}")
     return 0
 
 
