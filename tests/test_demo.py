@@ -79,6 +79,8 @@ def test_the_demo_report_shows_each_step_before_and_after_with_its_charts(demo):
     assert {name for name, _ in links} >= {"sft: loss", "rm: accuracy", "ppo: reward", "ppo: kl", "dpo: accuracy"}
     for _, link in links:
         assert (demo / link).read_bytes().startswith(b"\x89PNG"), link
-    # Every step's own report.md is there too.
+    # Every step's own report.md is there too; PPO and DPO say they trained the SFT run's adapter further.
     for step in STEPS:
         assert (demo / step / "report.md").is_file(), step
+    for step in ("ppo", "dpo"):
+        assert "- adapter: the run's adapter, trained further" in (demo / step / "report.md").read_text()

@@ -143,9 +143,15 @@ def render_changes(changes: Sequence[Change]) -> list[str]:
 
 
 def _summary(recipe: dict[str, Any], metrics: dict[str, Any], run_path: Path) -> list[str]:
-    lines = [f"- model: `{recipe.get('model', {}).get('name_or_path')}`"]
-    if "learning_rate" in recipe.get("train", {}) or metrics.get("train/global_step") is not None:
-        lines.append(f"- adapter: {(recipe.get('adapter') or {}).get('method', 'none')}")  # a stage that trains
+    from alignkit.recipe import is_run_with_adapter
+
+    model = recipe.get("model", {})
+    lines = [f"- model: `{model.get('name_or_path')}`"]
+    if "learning_rate" in recipe.get("train", {}) or metrics.get("train/global_step") is not None:  # it trains
+        method = (recipe.get("adapter") or {}).get("method", "none")
+        if method == "none" and model.get("run_adapter") == "continue" and is_run_with_adapter(model["name_or_path"]):
+            method = "the run's adapter, trained further"
+        lines.append(f"- adapter: {method}")
     data_file = run_path / "data.json"
     if data_file.is_file():
         data = json.loads(data_file.read_text())

@@ -8,8 +8,9 @@ rewards into a preference probability the way the reward model was trained to me
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,11 @@ class RewardModel:
             from peft import PeftModel
 
             base = modeling.base_settings_of_adapter(Path(path), settings)
-            model = PeftModel.from_pretrained(modeling.load_model(base, for_training=False, head="reward"), path)
+            # The adapter brings the reward head the base lacks: transformers' load report would call the head
+            # "newly initialized" (a warning for a head that is about to be loaded), so it is kept quiet here.
+            with _transformers_errors_only():
+                base_model = modeling.load_model(base, for_training=False, head="reward")
+            model = PeftModel.from_pretrained(base_model, path)
             tokenizer = modeling.load_tokenizer(dataclasses.replace(base, tokenizer=path, chat_template=None))
         else:
             model = modeling.load_model(settings, for_training=False, head="reward")
@@ -105,3 +110,16 @@ class RewardModelJudge:
         second_scores = self.reward_model.score(prompts, second)
         self.stats.compared += len(prompts)
         return [sigmoid(a - b) for a, b in zip(first_scores, second_scores)]
+
+
+@contextlib.contextmanager
+def _transformers_errors_only() -> Iterator[None]:
+    """transformers logs only errors inside the block."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
