@@ -55,7 +55,7 @@ def test_every_demo_step_improves_its_measure(demo):
         assert scores["eval/reward"] > scores["compare/reward"], step
         assert scores["eval/bleu"] > scores["compare/bleu"], step
         assert scores["eval/exact_match"] > scores["compare/exact_match"], step
-        assert scores["eval/win_rate"] > 0.7 > scores["eval/loss_rate"], step
+        assert scores["eval/win_rate"] > 0.5 and scores["eval/loss_rate"] < 0.1, step
 
 
 @pytest.mark.slow

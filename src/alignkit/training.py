@@ -138,9 +138,14 @@ def fit(recipe: Recipe, run: RunDir, *, config_class: type, trainer_class: type,
     ``before_train(trainer, tokenizer, data)`` measures the starting model once the trainer is built and
     before its first step; its metrics join the others.
     """
+    from transformers import set_seed
+
     args = training_args(recipe, config_class, run.path)
     data = load_data(recipe.data)
     record_data(run, data)
+    # The trainer seeds only once it is built, after the model: without this, what the model creates at random
+    # when it loads (a reward model's new head) would depend on whatever drew random numbers before.
+    set_seed(args.seed)
     model, tokenizer, peft_config = load_model_and_tokenizer(recipe, args, head)
     trainer = build_trainer(trainer_class, model=model, args=args, train_dataset=data.train,
                             eval_dataset=data.eval if trainer_eval else None, processing_class=tokenizer,
