@@ -55,7 +55,7 @@ def test_report_inlines_the_evaluation_one_heading_level_down(tmp_path):
     (tmp_path / "evaluation.md").write_text("# Evaluation\n\n| metric | a |\n\n## Samples\n")
     recipe = {"model": {"name_or_path": "demo:tiny-llama"}, "adapter": {"method": "lora"},
               "train": {"learning_rate": 1e-3}}
-    text = reports.render(tmp_path, "sft", recipe, {"eval/exact_match": 1.0, "compare/exact_match": 0.0}, [],
+    text = reports.render(tmp_path, "sft", recipe, {"eval/exact_match": 1.0, "compare/exact_match": 0.0},
                           ["loss.png"])
     assert text.startswith(f"# sft: `{tmp_path}`")
     assert "- model: `demo:tiny-llama`" in text and "- adapter: lora" in text

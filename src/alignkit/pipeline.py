@@ -228,7 +228,7 @@ def render_report(pipeline: Pipeline, results: dict[str, dict], outcomes: dict[s
               for s in pipeline.steps]
     for step in pipeline.steps:
         run_dir = step.recipe.output_dir
-        metrics = {key: value for key, value in sorted(results[step.name].items())
+        metrics = {key: value for key, value in results[step.name].items()
                    if not key.startswith(BOOKKEEPING) and isinstance(value, (int, float))}
         lines += ["", f"## {step.name} ({step.recipe.stage})", ""]
         lines += reports.render_changes(reports.before_and_after(results[step.name]))
@@ -239,9 +239,7 @@ def render_report(pipeline: Pipeline, results: dict[str, dict], outcomes: dict[s
                       for chart in charts]
         if (run_dir / reports.REPORT_FILE).is_file():
             lines += ["", f"Details: `{run_dir / reports.REPORT_FILE}`."]
-        lines += ["", "| metric | value |", "|---|---|"]
-        lines += [f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |"
-                  for key, value in metrics.items()]
+        lines += ["", *reports.render_metrics(metrics)]
     return "\n".join(lines) + "\n"
 
 

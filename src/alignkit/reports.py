@@ -109,11 +109,11 @@ def write_report(run_path: Path, stage: str, recipe: dict[str, Any], metrics: di
         return
     history = read_history(run_path)
     charts = write_charts(run_path, history)
-    (run_path / REPORT_FILE).write_text(render(run_path, stage, recipe, metrics, history, charts))
+    (run_path / REPORT_FILE).write_text(render(run_path, stage, recipe, metrics, charts))
 
 
 def render(run_path: Path, stage: str, recipe: dict[str, Any], metrics: dict[str, Any],
-           history: Sequence[dict[str, Any]], charts: Sequence[str]) -> str:
+           charts: Sequence[str]) -> str:
     """The markdown of report.md."""
     lines = [f"# {stage}: `{run_path}`", "", *_summary(recipe, metrics, run_path), ""]
     lines += ["## Before and after", ""] + render_changes(before_and_after(metrics))
@@ -123,8 +123,7 @@ def render(run_path: Path, stage: str, recipe: dict[str, Any], metrics: dict[str
     if evaluation.is_file():  # its headings go one level down, under this report's
         lines += ["", *("#" + line if line.startswith("#") else line
                         for line in evaluation.read_text().splitlines())]
-    lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {key} | {_number(value)} |" for key, value in sorted(metrics.items())]
+    lines += ["", "## Metrics", "", *render_metrics(metrics)]
     tensorboard = run_path / "runs"
     if tensorboard.is_dir():
         lines += ["", f"TensorBoard: `tensorboard --logdir {tensorboard}`."]
@@ -140,6 +139,12 @@ def render_changes(changes: Sequence[Change]) -> list[str]:
     lines += [f"| {c.name} | {c.before:.4f} | {c.after:.4f} | {c.after - c.before:+.4f} | {c.source} |"
               for c in changes]
     return lines
+
+
+def render_metrics(metrics: dict[str, Any]) -> list[str]:
+    """A metric / value table, sorted by name."""
+    rows = (f"| {key} | {_number(value)} |" for key, value in sorted(metrics.items()))
+    return ["| metric | value |", "|---|---|", *rows]
 
 
 def _summary(recipe: dict[str, Any], metrics: dict[str, Any], run_path: Path) -> list[str]:
