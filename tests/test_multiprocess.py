@@ -22,7 +22,6 @@ import yaml
 from conftest import REPO, metrics_of, run_cli
 
 from alignkit import training
-from alignkit.distributed import shard_bounds
 from alignkit.errors import RecipeError
 from alignkit.recipe import load_recipe
 
@@ -76,15 +75,6 @@ def jsonl(path: Path) -> list:
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("count", [0, 1, 2, 5, 8, 13])
-@pytest.mark.parametrize("processes", [1, 2, 3, 8])
-def test_shards_cover_every_row_once_in_order_and_differ_by_at_most_one(count, processes):
-    bounds = [shard_bounds(count, processes, index) for index in range(processes)]
-    assert [row for start, stop in bounds for row in range(start, stop)] == list(range(count))
-    sizes = [stop - start for start, stop in bounds]
-    assert max(sizes) - min(sizes) <= 1
-
-
 def test_two_processes_share_the_rows_and_gather_them_back_in_order(tmp_path):
     result = accelerate_launch(CPU_CONFIG, str(REPO / "tests" / "scripts" / "check_sharding.py"), str(tmp_path),
                                timeout=300)
@@ -102,17 +92,28 @@ def test_two_processes_share_the_rows_and_gather_them_back_in_order(tmp_path):
         # Counts add up; running means are weighted by how many values each process saw: (1 + 0.5 + 0.5) / 3.
         assert seen["judge_stats"] == pytest.approx({"compared": 5, "skipped": 1, "skipped_too_long": 1,
                                                      "option_mass": 2 / 3})
+    # Each process its own rows (map_local): each gets the results of exactly the rows it passed.
+    assert first["local"] == first["local_padded"] == first["local_none_padded"] == [100, 121, 144]
+    assert second["local"] == second["local_padded"] == [400] and second["local_none_padded"] == []
+    assert first["local_same_rows"] == second["local_same_rows"] == [1, 4, 9, 16, 25]
+    # map_shared refuses rows that differ between the processes, in every process, before computing them.
+    assert first["shared_with_different_rows"] == second["shared_with_different_rows"]
+    assert "passed different rows" in first["shared_with_different_rows"]
     # Each process computed only its own block: 7 rows as 4 + 3; 5 rows padded to 3 + 3 for a sharded model;
-    # the nested call ran on its block without being split again.
-    assert first["calls"] == [[0, 1, 2, 3], [0, 1, 2], [3], [0, 1, 2]]
-    assert second["calls"] == [[4, 5, 6], [3, 4, 4], [3, 4, 5]]
+    # the nested call ran on its block without being split again. map_local computed each process's own rows,
+    # padded to the longest share (3) for a sharded model, with a row of the other process when it had none;
+    # the same rows passed by both were shared out (3 + 2).
+    assert first["calls"] == [[0, 1, 2, 3], [0, 1, 2], [3], [0, 1, 2], [10, 11, 12], [10, 11, 12], [10, 11, 12],
+                              [1, 2, 3]]
+    assert second["calls"] == [[4, 5, 6], [3, 4, 4], [3, 4, 5], [20], [20, 20, 20], [10, 10, 10], [4, 5]]
     assert (tmp_path / "written-once.txt").read_text() == "written by process 0\n"
 
 
 def test_a_model_sharded_with_fsdp2_generates_and_scores_in_step_across_processes(tmp_path):
     """torch's FSDP2 runs on CPU processes (accelerate only routes FSDP to GPUs): the demo model sharded layer by
     layer answers 5 prompts (shares of 3 and 2, padded to 3 each, answers of different lengths) exactly as an
-    unsharded copy does, and a sharded reward model scores as the whole one does."""
+    unsharded copy does, and a sharded reward model scores as the whole one does, whether both processes pass
+the same answers or each its own (3 and 2: padded so both run as many forward passes)."""
     result = accelerate_launch(CPU_CONFIG, str(REPO / "tests" / "scripts" / "check_fsdp2_generation.py"),
                                str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -122,6 +123,8 @@ def test_a_model_sharded_with_fsdp2_generates_and_scores_in_step_across_processe
         assert seen["sharded"] == seen["plain"]
         assert len({len(answer.split()) for answer in seen["plain"]}) > 1  # they stopped at different steps
         assert seen["scores_sharded"] == pytest.approx(seen["scores_alone"], abs=1e-4)
+        start, stop = seen["own_rows"]  # each process its own rows, of different counts: its own scores
+        assert seen["scores_own_rows"] == pytest.approx(seen["scores_alone"][start:stop], abs=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------

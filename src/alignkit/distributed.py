@@ -4,8 +4,14 @@
 Every process runs the same stage code on the same data. What the stages must get right with several:
   * files and logs are written once, by the main process (``is_main_process``, ``write_text``), and the
     others wait for them before reading (``wait_for_everyone``);
-  * work that is not training (generation, judging, scoring) is split across the processes and gathered
-    back in order (``map_sharded``), so each process does 1/N of it and all end with the same full result;
+  * work that is not training (generation, judging, scoring) is shared out, and each call says which rows
+    every process passes, because the two cases need different answers:
+      - ``map_shared``: every process passes the *same* rows (held-out prompts, the pairs a judge labels);
+        each computes its block of them and all get every result, in order. Enforced: processes passing
+        different rows stop with an error instead of getting each other's results.
+      - ``map_local``: each process passes *its own* rows (PPO's rollouts, the completions TRL hands a reward
+        function on each process); each gets the results of its own rows. Correct whatever the processes
+        pass, same rows included (which it detects and shares out as ``map_shared`` does);
   * figures each process measures on its share (a training loss) are averaged (``mean_across_processes``).
 
 The helpers are no-ops with one process, so the single-process path is the same code.
@@ -14,6 +20,7 @@ The helpers are no-ops with one process, so the single-process path is the same 
 from __future__ import annotations
 
 import atexit
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,8 +28,9 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-# True while this process works on its own block inside ``map_sharded``: a nested call (a judge that
-# generates its reasoning, inside a sharded comparison) then runs on the block as it is, not split again.
+# True while this process works on its own rows inside ``map_shared`` / ``map_local``: a nested call (a judge
+# that generates its reasoning, inside a shared-out comparison) then runs on those rows as they are, not
+# split again, and joins no collective the other processes are not in.
 _in_block = False
 
 
@@ -113,62 +121,107 @@ def write_text(path: Path, text: str) -> None:
     wait_for_everyone()
 
 
-def shard_bounds(count: int, processes: int, index: int) -> tuple[int, int]:
-    """The slice ``[start, stop)`` of ``count`` items that process ``index`` of ``processes`` takes:
-    contiguous blocks, the first ``count % processes`` of them one longer."""
-    size, extra = divmod(count, processes)
-    start = index * size + min(index, extra)
-    return start, start + size + (1 if index < extra else 0)
+def map_shared(function: Callable[..., Sequence[T]], *columns: Sequence[Any],
+               equal_shards: bool = False) -> list[T]:
+    """``function(*columns)`` computed by all processes together, when every process passes the same rows:
+    each calls ``function`` on its block of rows (the same block of every column; accelerate's
+    ``split_between_processes``) and the results are gathered back in row order, so every process returns
+    the full list. ``function`` must return one result per row.
 
-
-def map_sharded(function: Callable[..., Sequence[T]], *columns: Sequence[Any],
-                equal_shards: bool = False) -> list[T]:
-    """``function(*columns)`` computed by all processes together: each process calls ``function`` on its
-    block of rows (the same block of every column), and the results are gathered back in row order, so
-    every process returns the full list. ``function`` must return one result per row.
-
-    Every process must call this with the same rows. With ``equal_shards`` (a model sharded with FSDP or
-    ZeRO-3, whose every forward pass needs all processes) each process gets the same number of rows: the
-    short blocks are padded with a copy of a row, whose results are dropped. Called inside another
-    ``map_sharded``'s function, it computes its rows in this process alone.
+    Processes that pass different rows (each its own rollouts: use ``map_local``) stop with a RuntimeError
+    before any work, found from a fingerprint of each one's rows. With ``equal_shards`` (a model sharded with
+    FSDP or ZeRO-3, whose every forward pass needs all processes) each process gets the same number of rows:
+    short blocks are padded with copies of the last row, whose results are dropped. Called inside another
+    ``map_shared`` / ``map_local`` block, it computes its rows in this process alone.
     """
-    global _in_block
-    count = len(columns[0])
-    processes = world_size()
-    if processes == 1 or _in_block:
+    if world_size() == 1 or _in_block:
         return list(function(*columns))
-    start, stop = shard_bounds(count, processes, process_index())
-    rows = list(range(start, stop))
-    longest = -(-count // processes)
-    padding = longest - len(rows) if equal_shards and count else 0
-    rows += [rows[-1] if rows else 0] * padding
+    from accelerate.utils import gather_object
+
+    if len(set(gather_object([_fingerprint(columns)]))) > 1:
+        raise RuntimeError("map_shared: the processes passed different rows, so each would get results of the "
+                           "others' rows; a call whose processes each pass their own rows must use map_local")
+    return _share_out(function, columns, equal_shards)
+
+
+def map_local(function: Callable[..., Sequence[T]], *columns: Sequence[Any],
+              equal_shards: bool = False) -> list[T]:
+    """``function(*columns)`` for this process's own rows, whatever the other processes pass: the results of
+    exactly the rows given, in their order.
+
+    When every process passes the same rows (found from a fingerprint of each process's rows, the only thing
+    exchanged first) the work is shared out as ``map_shared`` does. Otherwise each process computes its own
+    rows; with ``equal_shards`` (a sharded model: every forward pass needs all processes) every process runs
+    ``function`` on as many rows as the longest, padding with copies of a row whose results are dropped, so
+    all run the same number of batches. Called inside a block, it computes its rows in this process alone.
+    """
+    if world_size() == 1 or _in_block:
+        return list(function(*columns))
+    from accelerate.utils import gather_object
+
+    count = len(columns[0])
+    fingerprint = _fingerprint(columns)
+    # Each process's row count and fingerprint, and a row to pad with for a process that has none.
+    sample = [column[0] for column in columns] if count and equal_shards else None
+    shapes = gather_object([(count, fingerprint, sample)])
+    if len({shape[1] for shape in shapes}) == 1:
+        return _share_out(function, columns, equal_shards)
+    longest = max(shape[0] for shape in shapes)
+    padding = longest - count if equal_shards else 0
+    if padding:
+        filler = sample or next(shape[2] for shape in shapes if shape[2] is not None)
+        columns = tuple([*column, *[value] * padding] for column, value in zip(columns, filler, strict=True))
+    local = _compute(function, columns) if count + padding else []
+    return local[:count]
+
+
+def _share_out(function: Callable[..., Sequence[T]], columns: tuple[Sequence[Any], ...],
+               equal_shards: bool) -> list[T]:
+    """Rows every process holds alike: this process computes its block, all gather every result in order."""
+    from accelerate.utils import gather_object
+
+    count = len(columns[0])
+    rows = _block(count, padded=False)
+    padded = _block(count, padded=equal_shards)  # the block, then copies of the last row
+    local = _compute(function, tuple([column[i] for i in padded] for column in columns)) if padded else []
+    # accelerate's gather_object concatenates the processes' lists in rank order: the blocks' order.
+    return gather_object(local[:len(rows)])
+
+
+def _block(count: int, padded: bool) -> list[int]:
+    """This process's contiguous block of row indices in ``range(count)`` (accelerate's split: the first
+    ``count % processes`` blocks one longer); ``padded``: every block as long as the longest."""
+    with state().split_between_processes(list(range(count)), apply_padding=padded and count > 0) as block:
+        return list(block)
+
+
+def _compute(function: Callable[..., Sequence[T]], columns: tuple[Sequence[Any], ...]) -> list[T]:
+    """``function(*columns)`` in this process alone (nested shared calls inside it included)."""
+    global _in_block
     _in_block = True
     try:
-        local = list(function(*([column[i] for i in rows] for column in columns))) if rows else []
+        results = list(function(*columns))
     finally:
         _in_block = False
-    if len(local) != len(rows):
-        raise ValueError(f"map_sharded: {len(rows)} rows gave {len(local)} results")
-    local = local[:len(local) - padding]
-    return [result for block in gather_objects(local) for result in block]
+    if len(results) != len(columns[0]):
+        raise ValueError(f"{getattr(function, '__name__', 'function')}: {len(columns[0])} rows gave "
+                         f"{len(results)} results")
+    return results
 
 
-def gather_objects(local: Any) -> list[Any]:
-    """``local`` of every process, in rank order (picklable objects; every process gets the list)."""
-    import torch.distributed as dist
-
-    if world_size() == 1:
-        return [local]
-    gathered: list[Any] = [None] * world_size()
-    dist.all_gather_object(gathered, local)
-    return gathered
+def _fingerprint(columns: tuple[Sequence[Any], ...]) -> str:
+    """A digest of the rows: equal on every process that holds the same rows (prompts, answers and dataset
+    columns: strings, numbers, lists and dicts, whose repr is the same in every process)."""
+    return hashlib.sha256(repr(columns).encode("utf-8")).hexdigest()
 
 
 def mean_across_processes(value: float) -> float:
     """The mean of ``value`` over the processes (each measured its own share of the data)."""
+    from accelerate.utils import gather_object
+
     if world_size() == 1:
         return value
-    values = gather_objects(float(value))
+    values = gather_object([float(value)])
     return sum(values) / len(values)
 
 
@@ -176,10 +229,15 @@ def is_sharded(model) -> bool:
     """Whether ``model``'s weights are split across the processes (FSDP2 DTensors, FSDP1 flat parameters,
     ZeRO-3 partitions): then every forward pass is collective and all processes must run the same number.
     Always False with one process."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
 
     if world_size() == 1:
         return False
+    # By module first: after a forward pass FSDP2 keeps the root's parameters gathered (plain tensors, not
+    # DTensors) until the next one, so a look at the first parameter alone would say "not sharded".
+    if any(isinstance(module, (FSDPModule, FullyShardedDataParallel)) for module in model.modules()):
+        return True
     parameter = next(iter(model.parameters()), None)
     return parameter is not None and (isinstance(parameter, DTensor) or hasattr(parameter, "ds_id")
                                       or getattr(parameter, "_is_flat_param", False))

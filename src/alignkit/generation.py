@@ -1,7 +1,8 @@
 """Batched generation from chat prompts, shared by evaluation, the judges and the RL stages.
 
-Under a multi-process launch every process calls ``generate`` with the same prompts; each answers its own
-block of them and the answers are gathered, so every process returns all of them, in order.
+Under a multi-process launch every process calls ``generate`` with the same prompts (``map_shared``: a call
+whose processes pass different prompts stops with an error); each answers its own block of them and the
+answers are gathered, so every process returns all of them, in order.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ def generate(model, tokenizer, prompts: Sequence[list[dict[str, str]]], settings
 
     The chat template is applied exactly as in training, with the generation prompt; batches are
     left-padded so every prompt ends where generation starts. Returns decoded completions without
-    special tokens, stripped. With several processes, each generates for its block of the prompts and all
-    get every answer (see the module docstring).
+    special tokens, stripped. With several processes, every one passes the same prompts; each generates for
+    its block of them and all get every answer (see the module docstring).
     """
     # A model sharded across the processes (FSDP, ZeRO-3) runs each forward pass with all of them: every
     # process then takes as many prompts and keeps stepping until all are done (``synced_gpus``).
     sharded = distributed.is_sharded(model)
-    return distributed.map_sharded(lambda local: _generate(model, tokenizer, local, settings, sharded), list(prompts),
-                                   equal_shards=sharded)
+    return distributed.map_shared(lambda block: _generate(model, tokenizer, block, settings, sharded), list(prompts),
+                                  equal_shards=sharded)
 
 
 def _generate(model, tokenizer, prompts: Sequence[list[dict[str, str]]], settings: GenerationSettings,

@@ -11,6 +11,11 @@ Every source becomes a *reward function* with TRL's signature, ``f(prompts, comp
 list[float]``: prompts are message lists, completions are the decoded answers (strings), and the other
 columns of the prompt dataset arrive as keyword lists (a reference answer, a test case...). TRL's GRPO and
 RLOO trainers take these functions as they are; alignkit's PPO adds them up with their weights.
+
+With several processes a reward function is called by every process on *its own* rows (TRL's per-process
+completions, PPO's rollouts), so a reward model's function scores the rows it is given (``map_local``).
+Rows every process holds alike (held-out answers, the samples ReST and RLAIF gather) go through
+``shared_reward``, which scores each process's block of them and gathers the rewards (``map_shared``).
 """
 
 from __future__ import annotations
@@ -97,7 +102,8 @@ def import_function(path: str) -> RewardFunction:
 
 
 def reward_model_function(path: str, batch_size: int = 32) -> RewardFunction:
-    """A reward function scoring each (prompt, answer) with the reward model at ``path``."""
+    """A reward function scoring each (prompt, answer) with the reward model at ``path``: the scores of the
+    rows this process passes, whatever the other processes pass (``RewardModel.score``)."""
     from alignkit.feedback import RewardModel
 
     scorer = RewardModel.load(path, batch_size=batch_size)
@@ -142,25 +148,29 @@ def weighted_reward(functions: Sequence[RewardFunction], weights: Sequence[float
     return total, means
 
 
-def monitoring_reward(settings: RewardSettings | None) -> Callable[..., list[float]] | None:
-    """``reward(prompts, completions, columns) -> rewards``, the weighted sum of the ``reward:`` section's sources
-    (imported now, so a bad import path fails before any model loads); None without a section. With several
-    processes, each scores its block of the answers (a reward model's forward passes are shared out)."""
-    from alignkit.distributed import map_sharded
-
-    if settings is None:
-        return None
-    functions = load_reward_functions(settings)
+def shared_reward(functions: Sequence[RewardFunction], weights: Sequence[float]) -> Callable[..., list[float]]:
+    """``reward(prompts, completions, columns) -> rewards``, the weighted sum of ``functions``, for rows that every
+    process passes alike (held-out answers, gathered samples): each process scores its block of them and all
+    get every reward (``distributed.map_shared``, which refuses rows that differ between processes)."""
+    from alignkit.distributed import map_shared
 
     def reward(prompts: list, completions: list[str], columns: dict[str, list]) -> list[float]:
         names = list(columns)
 
         def score_block(prompts: list, completions: list[str], *values: list) -> list[float]:
-            return weighted_reward(functions, settings.weights, prompts, completions, dict(zip(names, values)))[0]
+            return weighted_reward(functions, weights, prompts, completions, dict(zip(names, values)))[0]
 
-        return map_sharded(score_block, list(prompts), list(completions), *(list(columns[name]) for name in names))
+        return map_shared(score_block, list(prompts), list(completions), *(list(columns[name]) for name in names))
 
     return reward
+
+
+def monitoring_reward(settings: RewardSettings | None) -> Callable[..., list[float]] | None:
+    """``shared_reward`` of the ``reward:`` section's sources (imported now, so a bad import path fails before
+    any model loads); None without a section. Every process passes the same rows (see ``shared_reward``)."""
+    if settings is None:
+        return None
+    return shared_reward(load_reward_functions(settings), settings.weights)
 
 
 def _check_signature(function: RewardFunction, path: str) -> None:

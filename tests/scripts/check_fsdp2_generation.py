@@ -2,7 +2,8 @@
 the demo model sharded with torch's FSDP2 (each decoder layer one unit, as accelerate_configs/fsdp.yaml wraps
 it) over two CPU processes, then alignkit's generation and reward scoring on it. Every forward pass of a
 sharded model needs both processes, so these are the paths that would hang or scramble answers if the shares
-were uneven or the steps out of step. Writes what each process got to OUT_DIR/fsdp2-<rank>.json."""
+were uneven or the steps out of step, whether the processes pass the same rows or each its own. Writes what
+each process got to OUT_DIR/fsdp2-<rank>.json."""
 
 from __future__ import annotations
 
@@ -49,6 +50,11 @@ def main(out_dir: Path) -> None:
         fully_shard(layer)
     fully_shard(scorer.model)
     result["scores_sharded"] = scorer.score(prompts, answers)
+    # Each process its own rows (PPO's rollouts): 3 and 2, which at 2 per batch would be 2 and 1 forward
+    # passes; the sharded model needs both processes in each, so both must score as many rows.
+    own = slice(0, 3) if distributed.process_index() == 0 else slice(3, 5)
+    result["own_rows"] = [own.start, own.stop]
+    result["scores_own_rows"] = scorer.score(prompts[own], answers[own])
     (out_dir / f"fsdp2-{distributed.process_index()}.json").write_text(json.dumps(result))
 
 

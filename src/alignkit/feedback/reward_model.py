@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,16 +57,23 @@ class RewardModel:
 
     def score(self, prompts: Sequence[Messages], answers: Sequence[str]) -> list[float]:
         """The reward of each answer to its prompt, tokenised exactly as TRL's RewardTrainer does in training
-        (the chat template over prompt + assistant turn). With several processes each scores its block of the
-        answers and all get every score."""
+        (the chat template over prompt + assistant turn).
+
+        With several processes, each passes its own rows (PPO's rollouts, the completions TRL gives a reward
+        function on each process) or all pass the same (held-out answers), and each gets the scores of the
+        rows it passed (``distributed.map_local``; the same rows everywhere are scored in shares). With
+        ``ALIGNKIT_RECORD_SCORES=DIR`` set, every process appends what it scored to DIR/scores-<rank>.jsonl,
+        to check on a cluster that each score belongs to its answer (docs/multi-gpu.md)."""
         from alignkit import distributed
 
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
         # A model sharded across the processes (FSDP, ZeRO-3 after training) needs every process in every
-        # forward pass: then all take equal blocks, and so run the same number of batches.
+        # forward pass: then all score as many rows, and so run the same number of batches.
         sharded = distributed.is_sharded(self.model)
-        return distributed.map_sharded(self._score_block, list(prompts), list(answers), equal_shards=sharded)
+        scores = distributed.map_local(self._score_block, list(prompts), list(answers), equal_shards=sharded)
+        _record_scores(prompts, answers, scores)
+        return scores
 
     def _score_block(self, prompts: Sequence[Messages], answers: Sequence[str]) -> list[float]:
         import torch
@@ -110,6 +119,24 @@ class RewardModelJudge:
         second_scores = self.reward_model.score(prompts, second)
         self.stats.compared += len(prompts)
         return [sigmoid(a - b) for a, b in zip(first_scores, second_scores)]
+
+
+RECORD_SCORES_ENV = "ALIGNKIT_RECORD_SCORES"
+
+
+def _record_scores(prompts: Sequence[Messages], answers: Sequence[str], scores: Sequence[float]) -> None:
+    """Append each (prompt, answer, score) this process scored to $ALIGNKIT_RECORD_SCORES/scores-<rank>.jsonl
+    when that variable names a directory; nothing otherwise."""
+    directory = os.environ.get(RECORD_SCORES_ENV)
+    if not directory:
+        return
+    from alignkit.distributed import process_index
+
+    path = Path(directory) / f"scores-{process_index()}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as out:
+        for prompt, answer, score in zip(prompts, answers, scores, strict=True):
+            out.write(json.dumps({"prompt": list(prompt), "answer": answer, "score": score}) + "\n")
 
 
 @contextlib.contextmanager

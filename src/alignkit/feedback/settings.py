@@ -138,29 +138,30 @@ def load_judge(settings: JudgeSettings) -> Judge:
 
 class LazyJudge:
     """The judge ``settings`` describe, loaded the first time it is asked to compare (a resumed run whose pairs
-    are all judged never loads it). With several processes each judges its block of the pairs and all get
-    every preference; ``take_stats`` adds up their counts."""
+    are all judged never loads it). With several processes every one passes the same pairs (the stages judge
+    pairs built from gathered answers): each judges its block of them and all get every preference;
+    ``take_stats`` adds up their counts."""
 
     def __init__(self, settings: JudgeSettings) -> None:
         self.settings = settings
         self.judge: Judge | None = None
 
     def compare(self, prompts, first, second) -> list[float]:
-        """The loaded judge's ``compare``, shared out across the processes."""
-        from alignkit.distributed import map_sharded
+        """The loaded judge's ``compare``, shared out across the processes (which pass the same pairs)."""
+        from alignkit.distributed import map_shared
 
         if self.judge is None:
             self.judge = load_judge(self.settings)
-        return map_sharded(self.judge.compare, list(prompts), list(first), list(second))
+        return map_shared(self.judge.compare, list(prompts), list(first), list(second))
 
     def take_stats(self) -> dict[str, float]:
         """The judge's counts since the last call, over every process (compared, skipped by reason,
         diagnostics), then reset. Every process must call it."""
-        from alignkit.distributed import gather_objects
+        from accelerate.utils import gather_object
 
         stats = getattr(self.judge, "stats", None)  # alignkit's judges count what they skip; a Judge need not
         if stats is None:
             return {}
-        summary = JudgeStats.merged(gather_objects(stats)).summary()
+        summary = JudgeStats.merged(gather_object([stats])).summary()  # each process's own counts
         self.judge.stats = type(stats)()
         return summary

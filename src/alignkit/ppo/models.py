@@ -140,8 +140,10 @@ def build_actor_critic(recipe: Recipe, args, reward_functions) -> tuple[ActorCri
                           f"or the full model; {model.peft_config[POLICY].peft_type.value} is not supported")
 
     reference, reference_adapter = None, None
-    if uses_adapter and is_run_with_adapter(recipe.model.name_or_path):
-        # Continuing a run's adapter: the reference is that adapter as it was, not the bare base.
+    if uses_adapter and is_run_with_adapter(recipe.model.name_or_path) and recipe.model.run_adapter == "continue":
+        # Continuing a run's adapter: the reference is that adapter as it was, not the bare base. Under
+        # ``run_adapter: merge`` the run's adapter is already in the base weights, so the reference is that
+        # merged base (the new adapter disabled): loading the run's adapter again would add its change twice.
         model.load_adapter(modeling.resolve_path(recipe.model.name_or_path), adapter_name=REFERENCE,
                            is_trainable=False)
         reference_adapter = REFERENCE
@@ -157,6 +159,7 @@ def build_actor_critic(recipe: Recipe, args, reward_functions) -> tuple[ActorCri
         if reward_model is None:
             raise RecipeError("train.critic_init is reward_model, but reward.sources has no reward model")
         source = next(f for f in reward_functions if hasattr(f, "reward_model")).reward_model_path
+        check_same_vocabulary(reward_model.tokenizer, tokenizer, source)
         critic_model, value_head = _critic_from_reward_model(source, tokenizer.pad_token_id)
         critic_adapter = None
     elif uses_adapter:
@@ -167,6 +170,9 @@ def build_actor_critic(recipe: Recipe, args, reward_functions) -> tuple[ActorCri
         critic_model = modeling.load_model(recipe.model, head="reward")
         value_head, critic_adapter = critic_model.score, None
 
+    if args.activation_checkpointing:
+        for trained in {id(m): m for m in (model, critic_model)}.values():  # the critic may share the base
+            enable_activation_checkpointing(trained, args)
     trainable = _trainable_parameters(model, uses_adapter, critic_model, critic_adapter, value_head)
     models = ActorCritic(policy=model, reference=reference, reference_adapter=reference_adapter,
                          critic_model=critic_model, critic_adapter=critic_adapter, value_head=value_head,
@@ -179,6 +185,32 @@ def build_actor_critic(recipe: Recipe, args, reward_functions) -> tuple[ActorCri
                 f"adapter '{critic_adapter}' on the shared base" if critic_adapter else
                 f"own model ({critic_init})")
     return models, tokenizer
+
+
+def check_same_vocabulary(critic_tokenizer, policy_tokenizer, source: str) -> None:
+    """A critic started from the reward model at ``source`` reads the policy's token ids: a RecipeError unless
+    both tokenizers map every token to the same id."""
+    critic_vocab, policy_vocab = critic_tokenizer.get_vocab(), policy_tokenizer.get_vocab()
+    if critic_vocab == policy_vocab:
+        return
+    differing = sorted(token for token in critic_vocab.keys() | policy_vocab.keys()
+                       if critic_vocab.get(token) != policy_vocab.get(token))
+    raise RecipeError(
+        f"train.critic_init: the critic would start from the reward model {source}, but its tokenizer is not the "
+        f"policy's ({len(critic_vocab)} vs {len(policy_vocab)} tokens; {len(differing)} tokens missing or with "
+        f"another id, e.g. {differing[:3]}), so it would read the policy's token ids as other words. Use a reward "
+        "model trained on the policy's tokenizer, or set train.critic_init: policy")
+
+
+def enable_activation_checkpointing(model, args) -> None:
+    """``train.activation_checkpointing``: as transformers' Trainer turns it on, with its
+    ``activation_checkpointing_kwargs`` (every_n_layers, offload, the rest for torch's checkpoint). It acts
+    in train mode only; the reference, always in eval mode, never needs it."""
+    kwargs = dict(args.activation_checkpointing_kwargs or {})
+    every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None,
+                                         every_n_layers=every_n_layers, offload=offload)
 
 
 def _critic_from_reward_model(path: str, pad_token_id: int) -> tuple[Any, nn.Module]:

@@ -32,7 +32,7 @@ from alignkit import training
 from alignkit.data import PreparedData, load_prompt_data
 from alignkit.errors import RecipeError
 from alignkit.recipe import GenerationSettings, Recipe
-from alignkit.rewards import RewardFunction, RewardSettings, load_reward_functions, weighted_reward
+from alignkit.rewards import RewardFunction, RewardSettings, load_reward_functions, shared_reward
 from alignkit.runs import RunDir
 from alignkit.stages import Stage
 
@@ -43,7 +43,8 @@ def make_stage(name: str, description: str, config_class: type, trainer_class: t
     """The ``Stage`` of a critic-free RL method on TRL's ``trainer_class`` (GRPOTrainer, RLOOTrainer)."""
     return Stage(name=name, help=description, train_config=lambda: config_class,
                  run=partial(run, stage=name, config_class=config_class, trainer_class=trainer_class),
-                 sections={"reward": RewardSettings}, required_sections=("reward",), check_train=check_train)
+                 sections={"reward": RewardSettings}, required_sections=("reward",), check_train=check_train,
+                 rows="prompt")
 
 
 def check_train(train: dict[str, Any]) -> None:
@@ -102,7 +103,8 @@ def eval_generation(recipe: Recipe, max_new_tokens: int) -> GenerationSettings:
 
 def held_out_reward(model, tokenizer, dataset, args, *, recipe: Recipe, functions: list[RewardFunction],
                     weights: list[float]) -> float | None:
-    """Mean weighted reward of ``model``'s answers to the held-out prompts; None without held-out data."""
+    """Mean weighted reward of ``model``'s answers to the held-out prompts; None without held-out data. Every
+    process holds the same prompts and (gathered) answers, so each scores its share of them."""
     from alignkit.generation import generate
 
     rows = held_out_prompts(dataset, recipe)
@@ -111,7 +113,7 @@ def held_out_reward(model, tokenizer, dataset, args, *, recipe: Recipe, function
     prompts = list(rows["prompt"])
     completions = generate(model, tokenizer, prompts, eval_generation(recipe, args.max_completion_length))
     columns = {name: list(rows[name]) for name in rows.column_names if name != "prompt"}
-    rewards, _ = weighted_reward(functions, weights, prompts, completions, columns)
+    rewards = shared_reward(functions, weights)(prompts, completions, columns)
     return sum(rewards) / len(rewards)
 
 
