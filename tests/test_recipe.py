@@ -3,6 +3,7 @@ entry points that report recipe problems as one ``error:`` line (exit code 2, no
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import subprocess
 import sys
@@ -531,6 +532,108 @@ def test_check_sources_unknown_demo_dataset_suggests_nearest() -> None:
 
 def test_check_sources_accepts_the_demo_recipe() -> None:
     check_sources(load_recipe(DEMO_SFT).data)
+
+
+# --------------------------------------------------------------------------------------------------
+# values: ranges, choices, the run dir, the TRL configs built at validation (the refusals themselves are the
+# corpus of tests/test_recipe_corpus.py)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["train.max_steps=-1", "train.num_train_epochs=0.5"],  # -1: train for num_train_epochs
+        ["train.learning_rate=1e-8", "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=1"],
+        ["data.eval=null", "data.eval_size=0.25"],  # a fraction of the training mixture
+        ["data.eval=null", "data.eval_size=50"],  # a row count
+        ["data.eval=null", "data.eval_size=0"],  # no held-out split
+        ["adapter.lora_dropout=0.0", "adapter.r=1", "adapter.lora_alpha=1"],
+        ["train.report_to=none"], ["train.report_to=all"], ["train.report_to=[tensorboard, wandb]"],
+        ["train.optim=paged_adamw_8bit", "train.lr_scheduler_type=cosine", "train.save_strategy=best"],
+        ["train.max_length=null"],
+        ["train.output_dir=runs/a/b"],
+    ],
+)
+def test_values_at_the_edge_of_their_range_are_accepted(overrides: list[str]) -> None:
+    load_recipe(DEMO_SFT, overrides)
+
+
+def test_every_range_rule_names_an_option_some_stage_has() -> None:
+    """A rule on a misspelled option would never apply: each train / adapter rule names a field of a stage's TRL
+    config or of a peft config."""
+    from dataclasses import fields
+
+    from alignkit import adapters, stages
+    from alignkit.recipe import RANGES
+
+    configs = {stages.get_stage(name).train_config() for name in stages.STAGES}
+    peft_configs = {adapters.config_class(method) for method in adapters.METHODS} - {None}
+    options = {section: {f.name for cls in classes for f in fields(cls)}
+               for section, classes in (("train", configs), ("adapter", peft_configs))}
+    for pattern in RANGES:
+        section, _, option = pattern.partition(".")
+        if section in options:
+            assert any(fnmatch.fnmatchcase(name, option) for name in options[section]), pattern
+
+
+def test_gpu_only_options_validate_on_any_machine() -> None:
+    """bf16 and tf32 ask the machine, not the recipe: a GPU recipe validates on a laptop (this one has no bf16 GPU
+    when CI runs it) and the run, on the machine that runs it, checks them when it builds its config."""
+    recipe = load_recipe(DEMO_SFT, ["train.bf16=true", "train.tf32=true"])
+    assert recipe.train["bf16"] is True and recipe.train["tf32"] is True
+
+
+def test_the_configs_a_stage_builds_are_built_at_validation() -> None:
+    """rest runs each improve step's SFT without evaluation and rlaif its DPO the same way, so an option that needs
+    evaluation is refused for them (not for sft); rlaif's revision SFT is built too."""
+    options = ["train.load_best_model_at_end=true", "train.save_steps=25", "train.eval_steps=25"]
+    load_recipe(DEMO_SFT, options)
+    for stage in ("rest", "rlaif"):
+        assert "save and eval strategy to match" in recipe_error(RECIPES / "demo" / f"{stage}.yaml", *options,
+                                                                 "train.eval_strategy=steps")
+    message = recipe_error(RECIPES / "demo" / "rlaif.yaml", "rlaif.revision={sft: {warmup_steps: -1}}")
+    assert "rlaif.revision.sft.warmup_steps" in message
+
+
+def test_config_errors_name_the_keys_they_mention() -> None:
+    from trl import SFTConfig
+
+    from alignkit.schema import config_error
+
+    message = config_error(ValueError("--load_best_model_at_end requires\n the save_strategy to match"), SFTConfig,
+                           "train")
+    assert message == ("train.load_best_model_at_end, train.save_strategy: --load_best_model_at_end requires the "
+                       "save_strategy to match")
+    assert config_error(ValueError("no option named"), SFTConfig, "train") == "train: no option named"
+
+
+def test_output_dir_may_not_be_above_the_home_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home" / "me"
+    home.mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    assert "a directory above your home directory" in recipe_error(DEMO_SFT, f"train.output_dir={home.parent}")
+    assert "your home directory" in recipe_error(DEMO_SFT, "train.output_dir=~/")
+    assert "is empty" in recipe_error(DEMO_SFT, "train.output_dir=~")  # `~` alone is YAML's null
+    load_recipe(DEMO_SFT, [f"train.output_dir={home / 'runs' / 'sft'}"])
+
+
+def test_yaml_merge_keys_still_work_and_only_real_repeats_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path / "r.yaml", MINIMAL + "train:\n  <<: {learning_rate: 1.0e-4, max_steps: 5}\n  max_steps: 7\n")
+    assert load_recipe(path).train["max_steps"] == 7  # a key next to a merge overrides the merged one
+    repeated = write(tmp_path / "repeated.yaml", MINIMAL + "train:\n  max_steps: 5\n  seed: 1\n  max_steps: 7\n")
+    message = recipe_error(repeated)
+    assert "duplicate key 'max_steps'" in message and "line 7" in message and "first at line 5" in message
+
+
+def test_pipeline_output_dir_must_be_a_path_of_its_own(tmp_path: Path) -> None:
+    from alignkit.pipeline import load_pipeline
+
+    for value, expected in (("5", "'output_dir' expects a directory path"), ("''", "the current directory")):
+        path = write(tmp_path / "p.yaml", f"stage: pipeline\noutput_dir: {value}\n"
+                                          f"steps: [{{name: a, recipe: {DEMO_SFT}}}]\n")
+        with pytest.raises(RecipeError, match=expected):
+            load_pipeline(path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -74,8 +74,14 @@ def build_peft_config(adapter: dict[str, Any], task_type: str = "CAUSAL_LM", tok
         options.setdefault("tokenizer_name_or_path", tokenizer_path)
     try:
         return cls(task_type=task_type, **options)
-    except (ValueError, TypeError) as err:
-        raise RecipeError(f"adapter: {err}") from None
+    except (ValueError, TypeError) as err:  # peft's checks across options, in __post_init__
+        raise RecipeError(schema.config_error(err, cls, "adapter")) from None
+
+
+def check_adapter(adapter: dict[str, Any], tokenizer_path: str | None = None) -> None:
+    """Build the peft config of a validated adapter section as the run will, so that what peft refuses
+    (options that do not go together) is refused by validation. Nothing is loaded."""
+    build_peft_config(adapter, tokenizer_path=tokenizer_path)
 
 
 def trainable_parameters(model) -> tuple[int, int]:

@@ -6,6 +6,13 @@ recipe accepts exactly the arguments the library accepts, under the library's ow
 
 Values typed on the command line arrive as :class:`Raw` text and are parsed by the type of the field
 they land in (``adapter.r=8`` is an int, ``model.name_or_path=123`` stays a string).
+
+A string field with a closed set of values is checked against it, with a did-you-mean: the ``choices``
+of its metadata (the convention of transformers' and TRL's configs, which ``HfArgumentParser`` reads too)
+or the members of an enum in its type (``optim: OptimizerNames | str``).
+
+YAML is read by :func:`load_yaml`, which refuses a mapping that repeats a key (YAML forbids it; PyYAML would
+keep the last silently) and reports syntax errors by line and column.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -30,6 +38,52 @@ _FALSE_WORDS = {"false", "no", "off", "0"}
 
 class Raw(str):
     """A value typed on the command line, still text: parsed by the type of the field it lands in."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that repeats a key."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor`: keys written next to it override the merged ones, as YAML intends
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (first at line {first.line + 1}); a key may appear only "
+                    "once in a mapping", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML ``text`` safely, refusing repeated keys; raises ``yaml.YAMLError`` (see :func:`yaml_problem`)."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: where (line, column) and what, without PyYAML's multi-line excerpt."""
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem_mark is None:
+        return " ".join(str(err).split())
+    mark = err.problem_mark
+    message = f"line {mark.line + 1}, column {mark.column + 1}: {err.problem}"
+    if err.context:
+        started = err.context_mark
+        at = f" at line {started.line + 1}, column {started.column + 1}" if started is not None else ""
+        message += f" ({err.context}{at})"
+    return message
+
+
+def parse_raw(value: Raw, where: str) -> Any:
+    """The YAML value of command-line text ``value`` for the key ``where``; a RecipeError if it is not YAML."""
+    try:
+        return load_yaml(value)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"'{where}': '{value}' is not a YAML value: {yaml_problem(err)}") from None
 
 
 class _Mismatch(Exception):
@@ -74,7 +128,27 @@ def check_dict(cls: type, data: Mapping, where: str, what: str | None = None) ->
     fields = init_fields(cls)
     check_keys(data, fields, what or f"section '{where}' ({cls.__name__})")
     hints = type_hints(cls)
-    return {key: coerce(value, hints.get(key, Any), f"{where}.{key}") for key, value in data.items()}
+    typed = {key: coerce(value, hints.get(key, Any), f"{where}.{key}") for key, value in data.items()}
+    for key, value in typed.items():
+        check_choice(value, choices(fields[key], hints.get(key, Any)), f"{where}.{key}")
+    return typed
+
+
+def choices(f: dataclasses.Field, tp: Any) -> tuple[str, ...]:
+    """The closed set of string values of a field: its metadata's ``choices``, else the values of an enum in
+    its type (``SchedulerType | str``); empty when any string will do."""
+    if f.metadata.get("choices"):
+        return tuple(str(choice) for choice in f.metadata["choices"])
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    enums = [option for option in options if isinstance(option, type) and issubclass(option, enum.Enum)]
+    return tuple(str(member.value) for member in enums[0]) if enums else ()
+
+
+def check_choice(value: Any, allowed: tuple[str, ...], where: str) -> None:
+    """Raise a RecipeError naming ``where`` if the string ``value`` is not one of ``allowed`` (when given)."""
+    if allowed and isinstance(value, str) and value not in allowed:
+        raise RecipeError(f"'{where}': unknown value '{value}'.{did_you_mean(value, allowed)} "
+                          f"Choose one of: {', '.join(allowed)}")
 
 
 def build(cls: type, data: Any, where: str) -> Any:
@@ -92,6 +166,17 @@ def build(cls: type, data: Any, where: str) -> Any:
         raise RecipeError(f"'{where}': {err}") from None
 
 
+def config_error(err: Exception, cls: type, where: str) -> str:
+    """The message of an error a library config raised when built (a check across options), in one paragraph,
+    after the recipe keys it names: ``train.load_best_model_at_end, train.save_strategy: ...``."""
+    text = " ".join(str(err).split())
+    fields = init_fields(cls) if dataclasses.is_dataclass(cls) else {}
+    # An error that knows its keys says so (alignkit's PPOConfig, whose message also lists the keys it accepts).
+    named = list(getattr(err, "keys", ())) or [name for name in dict.fromkeys(re.findall(r"[A-Za-z_]\w*", text))
+                                                if name in fields]
+    return f"{', '.join(f'{where}.{name}' for name in named) or where}: {text}"
+
+
 def _is_required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
@@ -107,7 +192,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is Any or tp is object:
-        return yaml.safe_load(value) if isinstance(value, Raw) else value
+        return parse_raw(value, where) if isinstance(value, Raw) else value
     origin = typing.get_origin(tp)
     if origin is typing.Union or origin is types.UnionType:
         return _coerce_union(value, typing.get_args(tp), where)
@@ -135,10 +220,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _coerce_mapping(value, tp, where)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, Raw):
-            value = yaml.safe_load(value)
+            value = parse_raw(value, where)
         return build(tp, value, where)
     # A type we do not model (a callable, a torch dtype...): let the library judge it.
-    return yaml.safe_load(value) if isinstance(value, Raw) else value
+    return parse_raw(value, where) if isinstance(value, Raw) else value
 
 
 def _coerce_union(value: Any, options: tuple, where: str) -> Any:
@@ -217,7 +302,7 @@ def _coerce_float(value: Any) -> float | int:
 
 def _coerce_sequence(value: Any, tp: Any, where: str) -> list:
     if isinstance(value, Raw):
-        value = yaml.safe_load(value)
+        value = parse_raw(value, where)
     if not isinstance(value, (list, tuple)):
         raise _Mismatch("a list")
     args = typing.get_args(tp)
@@ -231,7 +316,7 @@ def _coerce_sequence(value: Any, tp: Any, where: str) -> list:
 
 def _coerce_mapping(value: Any, tp: Any, where: str) -> dict:
     if isinstance(value, Raw):
-        value = yaml.safe_load(value)
+        value = parse_raw(value, where)
     if not isinstance(value, Mapping):
         raise _Mismatch("a mapping")
     args = typing.get_args(tp)

@@ -478,3 +478,12 @@ def value_kind(value: Any) -> str | None:
     if isinstance(value, dict):
         return "mapping"
     return type(value).__name__
+
+
+# The formats a stage's data sources may name (besides ``auto``), by the rows the stage reads (Stage.rows);
+# recipe validation checks every source's ``format`` against its stage's.
+FORMATS: dict[str, tuple[str, ...]] = {
+    "sft": tuple(SFT_FORMATS),
+    "preference": tuple(PREFERENCE_FORMATS),
+    "prompt": tuple(PROMPT_FORMATS),
+}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from alignkit.errors import RecipeError
 from alignkit.suggest import did_you_mean
@@ -46,10 +46,22 @@ class Stage:
     # For a stage whose ``train`` section depends on another section (rlaif: DPO or reward-model training):
     # the config class for the raw recipe, used instead of ``train_config`` when validating.
     train_config_of: Callable[[dict[str, Any]], type] | None = None
+    # The rows the stage reads (alignkit.data.formats.FORMATS): its data sources' ``format`` is one of these.
+    rows: Literal["sft", "preference", "prompt"] = "sft"
+    # For a stage that builds its TRL configs other than from the train section as it is (rest and rlaif train
+    # without evaluation; rlaif's revision step runs SFT): ``train_configs(recipe)`` lists them as
+    # (recipe key, config class, values). Validation builds each, so what a config refuses fails there.
+    train_configs: Callable[[Any], list[tuple[str, type, dict[str, Any]]]] | None = None
 
     def config_class(self, raw: dict[str, Any]) -> type:
         """The TRL config class of the ``train`` section of the raw recipe ``raw``."""
         return self.train_config_of(raw) if self.train_config_of is not None else self.train_config()
+
+    def configs(self, recipe: Any) -> list[tuple[str, type, dict[str, Any]]]:
+        """The TRL configs a run of the validated ``recipe`` builds: (recipe key, config class, values)."""
+        if self.train_configs is not None:
+            return self.train_configs(recipe)
+        return [("train", self.train_config(), recipe.train)]
 
 
 def get_stage(name: str) -> Stage:

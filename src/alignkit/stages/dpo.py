@@ -46,4 +46,4 @@ def check_train(train: dict) -> None:
 
 
 STAGE = Stage(name="dpo", help="Direct preference optimisation (TRL DPOTrainer)", train_config=lambda: DPOConfig,
-              run=run, check_train=check_train)
+              run=run, check_train=check_train, rows="preference")

@@ -29,4 +29,4 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict:
 
 
 STAGE = Stage(name="kto", help="Kahneman-Tversky optimisation on unpaired feedback (TRL KTOTrainer)",
-              train_config=lambda: KTOConfig, run=run)
+              train_config=lambda: KTOConfig, run=run, rows="preference")

@@ -36,4 +36,4 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict:
 
 
 STAGE = Stage(name="orpo", help="Odds-ratio preference optimisation (trl.experimental ORPOTrainer)",
-              train_config=lambda: _orpo()[0], run=run)
+              train_config=lambda: _orpo()[0], run=run, rows="preference")

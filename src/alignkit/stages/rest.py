@@ -151,8 +151,7 @@ def _improve(recipe: Recipe, settings: RestSettings, run_dir: RunDir, step: int,
     step_recipe = dataclasses.replace(
         recipe, model=policy_settings(recipe, policy),
         data=DataSettings(train=[DataSource(path=str(kept_path), format="messages")], seed=recipe.data.seed),
-        # The stage measures the held-out reward itself; the SFT trainer has no held-out set to evaluate.
-        train={**recipe.train, "output_dir": str(out), "eval_strategy": "no"})
+        train={**improve_train(recipe.train), "output_dir": str(out)})
     fitted = training.fit(step_recipe, RunDir(path=out, resume_from=last_checkpoint(out)), config_class=SFTConfig,
                           trainer_class=SFTTrainer, load_data=load_sft_data)
     score = held_out_reward(fitted.trainer.model, fitted.tokenizer)
@@ -162,6 +161,12 @@ def _improve(recipe: Recipe, settings: RestSettings, run_dir: RunDir, step: int,
                 improve, len(kept), len(samples), 100 * entry["kept_fraction"],
                 "n/a" if score is None else f"{score:.3f}")
     return entry, str(out)
+
+
+def improve_train(train: dict[str, Any]) -> dict[str, Any]:
+    """The SFTConfig options of an improve step: the train section's, without evaluation (the stage measures the
+    held-out reward itself; the SFT trainer has no held-out set to evaluate)."""
+    return {**train, "eval_strategy": "no"}
 
 
 # ---- state, resume and results ------------------------------------------------------------------------------
@@ -192,4 +197,5 @@ def _finish(recipe: Recipe, run_dir: RunDir, state: dict[str, Any]) -> dict[str,
 
 STAGE = Stage(name="rest", help="ReST / best-of-N: sample, keep the best answers, fine-tune (TRL SFTTrainer)",
               train_config=lambda: SFTConfig, run=run, sections={"reward": RewardSettings, "rest": RestSettings},
-              required_sections=("rest",))
+              required_sections=("rest",), rows="prompt",
+              train_configs=lambda recipe: [("train", SFTConfig, improve_train(recipe.train))])

@@ -184,8 +184,7 @@ def _train(recipe: Recipe, settings: RlaifSettings, out: Path, policy: str | Non
     step_recipe = dataclasses.replace(
         recipe, model=policy_settings(recipe, policy),
         data=DataSettings(train=[DataSource(path=str(preferences), format="preference")], seed=recipe.data.seed),
-        # The loop measures the held-out reward itself; the trainer has no held-out pairs.
-        train={**recipe.train, "output_dir": str(out), "eval_strategy": "no"})
+        train={**iteration_train(recipe.train), "output_dir": str(out)})
     run = RunDir(path=out, resume_from=last_checkpoint(out))
     load_pairs = partial(load_preference_data, kind="pairs")
     if settings.objective == "rm":
@@ -223,12 +222,10 @@ def _revise(recipe: Recipe, revision: RevisionSettings, run_dir: RunDir, prompts
         raise RecipeError(f"rlaif revision: none of the {len(rows)} answers got a non-empty revision (see {path}); "
                           "check revision.model, its requests and revision.generation.max_new_tokens")
     write_jsonl(out / REVISED_FILE, revised)
-    # The SFT config: the train section's transformers options, then revision.sft's.
-    shared = {key: value for key, value in recipe.train.items() if key in SHARED_WITH_SFT}
     step_recipe = dataclasses.replace(
         recipe, data=DataSettings(train=[DataSource(path=str(out / REVISED_FILE), format="messages")],
                                   seed=recipe.data.seed),
-        train={**shared, **revision.sft, "output_dir": str(out), "eval_strategy": "no"})
+        train={**revision_train(recipe.train, revision), "output_dir": str(out)})
     fitted = training.fit(step_recipe, RunDir(path=out, resume_from=last_checkpoint(out)), config_class=SFTConfig,
                           trainer_class=SFTTrainer, load_data=load_sft_data)
     entry |= {"trained": True, "train_loss": fitted.metrics.get("train/loss"),
@@ -276,7 +273,30 @@ def _train_config(raw: dict[str, Any]) -> type:
     return RewardConfig if objective == "rm" else DPOConfig
 
 
+def iteration_train(train: dict[str, Any]) -> dict[str, Any]:
+    """The options of an iteration's DPO or reward-model training: the train section's, without evaluation (the
+    loop measures the held-out reward itself; the trainer has no held-out pairs)."""
+    return {**train, "eval_strategy": "no"}
+
+
+def revision_train(train: dict[str, Any], revision: RevisionSettings) -> dict[str, Any]:
+    """The SFTConfig options of the revision fine-tune: the train section's transformers options, then
+    revision.sft's, without evaluation."""
+    shared = {key: value for key, value in train.items() if key in SHARED_WITH_SFT}
+    return {**shared, **revision.sft, "eval_strategy": "no"}
+
+
+def _train_configs(recipe: Recipe) -> list[tuple[str, type, dict[str, Any]]]:
+    """The TRL configs a run builds: each iteration's, and the revision step's (with rlaif.revision)."""
+    settings: RlaifSettings = recipe.sections["rlaif"]
+    objective = RewardConfig if settings.objective == "rm" else DPOConfig
+    configs = [("train", objective, iteration_train(recipe.train))]
+    if settings.revision is not None:
+        configs.append(("rlaif.revision.sft", SFTConfig, revision_train(recipe.train, settings.revision)))
+    return configs
+
+
 STAGE = Stage(name="rlaif", help="RLAIF: an AI judge labels pairs of sampled answers, then DPO or a reward model "
               "(TRL DPOTrainer / RewardTrainer)", train_config=lambda: DPOConfig, train_config_of=_train_config,
               run=run, sections={"rlaif": RlaifSettings, "reward": RewardSettings}, required_sections=("rlaif",),
-              check_train=check_dpo_train)
+              check_train=check_dpo_train, rows="prompt", train_configs=_train_configs)

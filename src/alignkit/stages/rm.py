@@ -68,4 +68,4 @@ def pair_accuracy(scorer: RewardModel, pairs) -> dict[str, float]:
 
 
 STAGE = Stage(name="rm", help="Reward modelling on preference pairs (TRL RewardTrainer)",
-              train_config=lambda: RewardConfig, run=run)
+              train_config=lambda: RewardConfig, run=run, rows="preference")
