@@ -2,14 +2,19 @@
 ``recipes``, ``demo``.
 
 Problems with the user's input (recipe, overrides, data, run dir) print one ``error:`` line and exit
-with code 2; only genuine bugs show a traceback.
+with code 2; only genuine bugs show a traceback. A run that fails or is interrupted (Ctrl-C: exit 130) is
+marked so in its ``run.json``, and the CLI prints the command that resumes it. Flags may come anywhere
+after the command, before or after the recipe and its overrides.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import shlex
+import signal
 import sys
 
 import yaml
@@ -26,14 +31,17 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``alignkit`` parser; its default ``commands`` maps each command to its own parser."""
     parser = argparse.ArgumentParser(prog="alignkit", description="Recipe-driven fine-tuning and alignment.")
     parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.set_defaults(commands=commands.choices)
     for name in STAGES:
         stage_parser = commands.add_parser(name, help=f"run the {name} stage of a recipe")
         _add_recipe_arguments(stage_parser)
         stage_parser.add_argument("--overwrite", action="store_true",
-                                  help="delete train.output_dir first if it holds a previous run")
+                                  help="delete train.output_dir first if it holds a previous alignkit run (never "
+                                  "a directory alignkit did not write)")
         stage_parser.add_argument("--resume", action="store_true",
                                   help="resume an unfinished run even though its recipe changed")
     pipeline = commands.add_parser("pipeline", help="run a pipeline recipe: its stage recipes in order, skipping "
@@ -41,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("recipe", help="a recipe with stage: pipeline")
     pipeline.add_argument("overrides", nargs="*", metavar="step.key=value",
                           help="overrides addressed to a step by name (e.g. sft.train.max_steps=100)")
-    pipeline.add_argument("--overwrite", action="store_true", help="run every step again from scratch")
+    pipeline.add_argument("--overwrite", action="store_true",
+                          help="run every step again from scratch, deleting the steps' previous runs")
     pipeline.add_argument("--resume", action="store_true",
                           help="resume an unfinished step even though its recipe changed")
     validate = commands.add_parser("validate", help="check a recipe without loading any model")
@@ -62,14 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", help="where to write the model (default: RUN_DIR-merged)")
     merge.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                        help="dtype of the saved weights (default: the base's)")
-    merge.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace an output directory that an earlier alignkit merge wrote")
     merge.add_argument("--push", metavar="REPO_ID", help="also upload it to this Hub repository (never by default)")
     merge.add_argument("--public", action="store_true", help="with --push: create the repository public")
     library = commands.add_parser("recipes", help="list the shipped recipes, or copy one out to edit")
     library.add_argument("filter", nargs="?", help="only recipes whose name contains this (e.g. qwen, dpo)")
     library.add_argument("--copy", nargs=2, metavar=("NAME", "DEST"),
                          help="write recipe NAME (e.g. qwen2.5-0.5b/sft-qlora) to DEST as one standalone file")
-    library.add_argument("--overwrite", action="store_true", help="with --copy: replace an existing DEST")
+    library.add_argument("--overwrite", action="store_true", help="with --copy: replace an existing DEST file")
     score = commands.add_parser("score", help="metrics for an existing predictions file (JSON Lines)")
     score.add_argument("file", help="JSON Lines with 'prediction' and 'reference' or 'references' on each line")
     score.add_argument("--metrics", default="rouge,bleu,chrf,exact_match",
@@ -80,8 +90,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    """Parse the command line with flags anywhere: ``alignkit sft RECIPE --overwrite key=value`` is the same as
+    ``alignkit sft --overwrite RECIPE key=value``.
+
+    argparse alone would let the overrides (``nargs="*"``) stop at the first flag and then blame the rest;
+    ``parse_intermixed_args`` collects positionals around flags, but does not support subcommands, so the
+    command's own parser gets the arguments after the command.
+    """
+    parser = build_parser()
+    commands = parser.get_default("commands")
+    if argv and argv[0] in commands:
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)  # --help, --version, or an unknown command: argparse's own answers
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_arguments(argv)
     _configure_logging()
     try:
         if args.command == "validate":
@@ -91,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "score":
             return _score(args)
         if args.command == "pipeline":
-            return _pipeline(args)
+            with _sigterm_interrupts():
+                return _pipeline(args)
         if args.command == "recipes":
             return _recipes(args)
         if args.command == "merge":
@@ -100,13 +129,53 @@ def main(argv: list[str] | None = None) -> int:
             from alignkit.plan_report import run_plan
 
             return run_plan(args, _load(args))
-        return _run_stage(args)
+        with _sigterm_interrupts():
+            return _run_stage(args)
     except AlignkitError as err:
         print(f"error: {err}", file=sys.stderr)
+        _explain_stop(err, argv)
         return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: run it again to resume from the last checkpoint", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"interrupted{f' ({err})' if str(err) else ''}", file=sys.stderr)
+        _explain_stop(err, argv)
         return 130
+    except Exception as err:  # a bug: keep its traceback, with where the run stands as a note under it
+        stop = getattr(err, "run_stop", None)
+        if stop is not None:
+            err.add_note(f"{stop.describe()}; resume it with: {rerun_command(argv)}")
+        raise
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM stops a run as Ctrl-C does (KeyboardInterrupt), so that the run is marked interrupted: launchers
+    send it (torchrun and accelerate pass Ctrl-C on to their processes as SIGINT and then SIGTERM at once, Slurm
+    on preemption or at the time limit), and by default it would end the process before anything is marked."""
+
+    def interrupt(signum: int, _frame) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _explain_stop(err: BaseException, argv: list[str]) -> None:
+    """After a run that stopped early: where its run dir stands, and the exact command that resumes it."""
+    stop = getattr(err, "run_stop", None)
+    if stop is None or not distributed.is_main_process():
+        return
+    print(f"{stop.describe()}; {'resume' if stop.checkpoint else 'run'} it with:\n  {rerun_command(argv)}",
+          file=sys.stderr)
+
+
+def rerun_command(argv: list[str]) -> str:
+    """The command that continues a stopped run: this one without ``--overwrite`` (which would delete the run),
+    under the same launcher when several processes ran it."""
+    command = shlex.join(["alignkit", *(arg for arg in argv if arg != "--overwrite")])
+    return f"accelerate launch <the same launch options> -m {command}" if distributed.world_size() > 1 else command
 
 
 def _load(args):

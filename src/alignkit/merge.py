@@ -23,14 +23,16 @@ from typing import Any
 
 import yaml
 
-from alignkit import modeling
+from alignkit import __version__, modeling
 from alignkit.errors import AlignkitError
 from alignkit.recipe import ModelSettings, is_run_with_adapter
-from alignkit.runs import METRICS_FILE, RECIPE_FILE
+from alignkit.runs import METRICS_FILE, RECIPE_FILE, refuse_precious_dir
 
 logger = logging.getLogger(__name__)
 
 REWARD_STAGES = ("rm",)
+# Marks a directory as alignkit merge's output: the only kind of existing directory --overwrite replaces.
+MARKER_FILE = "alignkit_merge.json"
 
 
 @dataclass
@@ -72,6 +74,9 @@ def merge_run(run_dir: Path, output: Path | None = None, *, dtype: str = "auto",
     if hasattr(merged.config, "quantization_config"):
         del merged.config.quantization_config  # the saved weights are plain tensors
     output.mkdir(parents=True, exist_ok=True)
+    # First, before any weight: a merge cut off half-way leaves a dir that the next --overwrite may replace.
+    (output / MARKER_FILE).write_text(json.dumps({"merged_from": str(run_dir), "base": base_settings.name_or_path,
+                                                  "alignkit": __version__}, indent=2) + "\n")
     merged.save_pretrained(output)
     tokenizer.save_pretrained(output)
     (output / "README.md").write_text(model_card(run_dir, base_settings.name_or_path, recipe, dequantized,
@@ -120,12 +125,21 @@ def model_card(run_dir: Path, base: str, recipe: dict[str, Any], dequantized: bo
 
 
 def _claim(output: Path, overwrite: bool) -> None:
-    """Nothing the user made is lost: an existing non-empty output is replaced only with ``overwrite``."""
-    if output.exists() and any(output.iterdir()):
-        if not overwrite:
-            raise AlignkitError(f"{output} already exists and is not empty; pass --overwrite to replace it, or "
-                                "--output to write elsewhere")
-        shutil.rmtree(output)
+    """Nothing the user made is lost: an existing non-empty output is replaced only with ``overwrite``, and only
+    if an earlier ``alignkit merge`` wrote it (its marker file); never the current directory or one above it,
+    the home directory or ``/``."""
+    refuse_precious_dir(output, "--output")
+    if output.exists() and not output.is_dir():
+        raise AlignkitError(f"{output} is a file; choose another --output")
+    if not (output.exists() and any(output.iterdir())):
+        return
+    if not (output / MARKER_FILE).is_file():
+        raise AlignkitError(f"{output} already exists, is not empty and was not written by alignkit merge (no "
+                            f"{MARKER_FILE}); alignkit never deletes what it did not write: choose another --output")
+    if not overwrite:
+        raise AlignkitError(f"{output} already exists and holds a merged model; pass --overwrite to replace it, or "
+                            "--output to write elsewhere")
+    shutil.rmtree(output)
 
 
 def _run_recipe(run_dir: Path) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from typing import Any
 
 from alignkit import distributed
 from alignkit.errors import RecipeError
-from alignkit.recipe import Recipe, apply_override, deep_merge, load_raw, validate
+from alignkit.recipe import Recipe, apply_override, check_output_dir, deep_merge, load_raw, validate
 from alignkit.runs import METRICS_FILE, RUN_FILE
 from alignkit.suggest import did_you_mean
 
@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 PIPELINE_STAGE = "pipeline"
 PIPELINE_KEYS = ("stage", "output_dir", "steps")
 STEP_KEYS = ("name", "recipe", "overrides")
+PIPELINE_FILE = "pipeline.json"
 REFERENCE = re.compile(r"\$\{([^}.]+)\.output\}")
 # Metrics that describe the run rather than what it learned, left out of the report's table.
 BOOKKEEPING = ("model/", "run/", "train/runtime", "train/global_step", "train/global_batch_size")
@@ -75,7 +76,10 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = ()) -> Pipeline:
         raise RecipeError(f"{path}: a pipeline needs 'steps': a list of {{name, recipe}}")
     names = [step.get("name") if isinstance(step, dict) else None for step in steps_raw]
     by_step: dict[str, list[str]] = {}
-    output_dir = Path(raw.get("output_dir") or Path("runs") / path.stem)
+    declared = raw.get("output_dir")
+    if declared is not None and not isinstance(declared, str):
+        raise RecipeError(f"{path}: 'output_dir' expects a directory path, got {declared!r}")
+    output_dir = Path(declared if declared is not None else Path("runs") / path.stem)
     for override in overrides:
         key, _, value = override.partition("=")
         step, _, rest = key.partition(".")
@@ -86,6 +90,10 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = ()) -> Pipeline:
         else:
             raise RecipeError(f"bad override '{override}': a pipeline takes <step>.<key>=value with a step of "
                               f"{', '.join(map(str, names))}{did_you_mean(step, [str(n) for n in names])}")
+    try:
+        check_output_dir(str(output_dir), "output_dir")  # the pipeline's report goes there
+    except RecipeError as err:
+        raise RecipeError(f"{path}: {err}") from None
     pipeline = Pipeline(source=path, output_dir=output_dir)
     outputs: dict[str, str] = {}
     for index, entry in enumerate(steps_raw):
@@ -105,6 +113,9 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = ()) -> Pipeline:
         if run_dir in outputs.values():
             raise RecipeError(f"{where}: '{name}' writes {run_dir}, as an earlier step does; give it its own "
                               "train.output_dir")
+        if recipe.output_dir.resolve() == output_dir.resolve():
+            raise RecipeError(f"{where}: '{name}' writes {run_dir}, the pipeline's own output_dir (its report); "
+                              "give the step its own train.output_dir")
         outputs[name] = run_dir
         pipeline.steps.append(Step(name=name, recipe=recipe))
     return pipeline
@@ -173,7 +184,30 @@ def run_status(run_dir: Path) -> str | None:
 
 def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, resume: bool = False) -> dict[str, dict]:
     """Run the steps in order, skipping complete ones; write the pipeline's report. Returns each step's
-    metrics by name."""
+    metrics by name.
+
+    The pipeline's output dir is locked for the whole pipeline, and each step's run dir while the step runs
+    (a second pipeline or run into either is refused). ``overwrite`` replaces the steps' previous runs, never
+    a directory that holds no alignkit run (see :mod:`alignkit.runs`).
+    """
+    from alignkit.runs import locked
+
+    _refuse_foreign_report(pipeline.output_dir)
+    with locked(pipeline.output_dir, "the pipeline's output_dir"):
+        return _run_steps(pipeline, overwrite=overwrite, resume=resume)
+
+
+def _refuse_foreign_report(output_dir: Path) -> None:
+    """The pipeline writes report.md and pipeline.json into its output dir: a report.md there that no pipeline
+    wrote (no pipeline.json beside it) is the user's, and is not overwritten."""
+    from alignkit.errors import RunDirError
+
+    if (output_dir / "report.md").exists() and not (output_dir / PIPELINE_FILE).is_file():
+        raise RunDirError(f"the pipeline's output_dir {output_dir} holds a report.md that no alignkit pipeline "
+                          f"wrote (no {PIPELINE_FILE} beside it); choose another output_dir")
+
+
+def _run_steps(pipeline: Pipeline, *, overwrite: bool, resume: bool) -> dict[str, dict]:
     from alignkit.training import run_stage
 
     results: dict[str, dict] = {}
@@ -192,7 +226,7 @@ def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, resume: bool = 
         outcomes[step.name] = "resumed and completed" if status and not overwrite else "ran"
     report = render_report(pipeline, results, outcomes)
     distributed.write_text(pipeline.output_dir / "report.md", report)
-    distributed.write_text(pipeline.output_dir / "pipeline.json", json.dumps(
+    distributed.write_text(pipeline.output_dir / PIPELINE_FILE, json.dumps(
         {"source": str(pipeline.source), "steps": [{"name": s.name, "stage": s.recipe.stage,
                                                     "run_dir": str(s.recipe.output_dir),
                                                     "outcome": outcomes[s.name]} for s in pipeline.steps],

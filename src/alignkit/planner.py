@@ -9,6 +9,7 @@ the output layer and embeddings stay in the model's dtype). The memory estimate 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 from alignkit import activations, adapters, memory, modeling
 from alignkit.errors import AlignkitError
 from alignkit.recipe import ModelSettings, Recipe, is_run_with_adapter
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -381,14 +384,52 @@ def data_summary(recipe: Recipe, shape: memory.Shape, launch: memory.Launch) -> 
     if loader is None:
         return None
     prepared = loader(recipe.data)
-    rows = len(prepared.train)
+    too_long = rows_too_long(recipe, prepared.train)
+    rows = len(prepared.train) - (too_long or 0)
     global_batch = shape.batch * shape.gradient_accumulation * launch.devices
     max_steps = recipe.train.get("max_steps", -1) or -1
     epochs = float(recipe.train.get("num_train_epochs", 1 if max_steps > 0 else 3))
     steps = max_steps if max_steps > 0 else math.ceil(rows / global_batch * epochs)
     skipped = sum(len(report.skipped) if hasattr(report, "skipped") else 0 for report in prepared.reports)
     return {"train_rows": rows, "eval_rows": len(prepared.eval or []), "global_batch": global_batch,
-            "steps": steps, "skipped_rows": skipped}
+            "steps": steps, "skipped_rows": skipped, "too_long_rows": too_long}
+
+
+def rows_too_long(recipe: Recipe, rows) -> int | None:
+    """How many of the training ``rows`` the stage's TRL trainer will drop for ``train.max_length``
+    (``training.DROPPED_FOR_LENGTH``); None when the tokenizer cannot be loaded here. Not usable rows, so
+    the plan does not count them (the run itself stops when none is left)."""
+    max_length = recipe.train.get("max_length")
+    keeps_start = recipe.train.get("truncation_mode", "keep_start") == "keep_start"
+    if max_length is None or recipe.stage not in ("sft", "rm", "dpo", "kto") or recipe.train.get("packing"):
+        return 0
+    if recipe.stage == "sft" and not (recipe.train.get("assistant_only_loss") and keeps_start):
+        return 0  # the loss is on every token, or truncation keeps the end: a long row is cut, not dropped
+    if recipe.stage in ("dpo", "kto") and not keeps_start:
+        return 0
+    try:
+        tokenizer = modeling.load_tokenizer(as_planned(recipe).model)
+    except (OSError, AlignkitError) as err:
+        logger.warning("rows longer than train.max_length not counted: no tokenizer (%s)", err)
+        return None
+
+    def length(messages, answer_follows: bool) -> int:
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=answer_follows,
+                                                 return_dict=True)["input_ids"])
+
+    def dropped(row) -> bool:
+        if recipe.stage == "rm":  # the whole conversation, chosen or rejected, must fit
+            return max(length(row["prompt"] + row[side], False) for side in ("chosen", "rejected")) > max_length
+        if recipe.stage == "sft":  # the prompt before the first answer fills max_length: no answer token left
+            first_answer = next((i for i, m in enumerate(row["messages"]) if m["role"] == "assistant"), None)
+            return first_answer is not None and length(row["messages"][:first_answer], True) >= max_length
+        return length(row["prompt"], True) >= max_length  # dpo, kto: the prompt alone fills it
+
+    count = sum(dropped(row) for row in rows)
+    if count:
+        logger.warning("plan: %d of the %d training rows are too long for train.max_length=%d and not counted "
+                       "(the %s trainer drops them)", count, len(rows), max_length, recipe.stage)
+    return count
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------

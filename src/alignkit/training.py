@@ -13,7 +13,7 @@ from typing import Any
 
 from alignkit import adapters, distributed, modeling, reports
 from alignkit.data import PreparedData
-from alignkit.errors import RecipeError
+from alignkit.errors import DataError, RecipeError
 from alignkit.recipe import QUANTISED_FULL_FINE_TUNE, Recipe, is_run_with_adapter
 from alignkit.runs import RunDir, open_run_dir
 from alignkit.stages import get_stage
@@ -22,15 +22,16 @@ logger = logging.getLogger(__name__)
 
 
 def run_stage(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
-    """Open the run dir, run the recipe's stage, write ``metrics.json`` and mark the run complete."""
+    """Claim the run dir (locked while the stage runs), run the recipe's stage, write ``metrics.json`` and mark
+    the run complete; a run that fails or is interrupted is marked so (see :func:`alignkit.runs.open_run_dir`)."""
     stage = get_stage(recipe.stage)
     check_launch(recipe)
-    run = open_run_dir(recipe, overwrite=overwrite, resume=resume)
-    metrics = stage.run(recipe, run)
-    metrics["run/world_size"] = distributed.world_size()
-    # Before the run is marked complete, so that a complete run always has its report.
-    reports.write_report(run.path, recipe.stage, recipe.to_dict(), metrics)
-    run.finish(metrics)
+    with open_run_dir(recipe, overwrite=overwrite, resume=resume) as run:
+        metrics = stage.run(recipe, run)
+        metrics["run/world_size"] = distributed.world_size()
+        # Before the run is marked complete, so that a complete run always has its report.
+        reports.write_report(run.path, recipe.stage, recipe.to_dict(), metrics)
+        run.finish(metrics)
     return metrics
 
 
@@ -150,6 +151,7 @@ def fit(recipe: Recipe, run: RunDir, *, config_class: type, trainer_class: type,
     trainer = build_trainer(trainer_class, model=model, args=args, train_dataset=data.train,
                             eval_dataset=data.eval if trainer_eval else None, processing_class=tokenizer,
                             peft_config=peft_config, **trainer_kwargs)
+    check_rows_kept(trainer, data, trainer_eval)
     if head == "reward" and modeling.is_quantized(model):
         match_new_head_to_hidden_states(trainer.model)
     metrics = parameter_metrics(trainer.model)
@@ -157,6 +159,38 @@ def fit(recipe: Recipe, run: RunDir, *, config_class: type, trainer_class: type,
         metrics |= before_train(trainer, tokenizer, data)
     metrics |= train(trainer, run, eval_names or {})
     return Fitted(trainer=trainer, tokenizer=tokenizer, data=data, metrics=metrics)
+
+
+# Which rows each TRL trainer drops when it prepares its dataset, by trainer class.
+DROPPED_FOR_LENGTH = {
+    "SFTTrainer": "a conversation with no answer token within its first max_length tokens, as the loss is on "
+                  "answers only",
+    "RewardTrainer": "a pair whose chosen or rejected conversation is longer than max_length tokens",
+    "DPOTrainer": "a row whose prompt alone is max_length tokens or more",
+    "KTOTrainer": "a row whose prompt alone is max_length tokens or more",
+}
+
+
+def check_rows_kept(trainer, data: PreparedData, trainer_eval: bool = True) -> None:
+    """TRL's trainers drop the rows that ``max_length`` leaves nothing to learn from (:data:`DROPPED_FOR_LENGTH`).
+    Say how many; with none left, stop with a DataError rather than the sampler's ``num_samples=0``."""
+    max_length = getattr(trainer.args, "max_length", None)
+    if max_length is None or getattr(trainer.args, "packing", False):  # packing changes the row count itself
+        return
+    for name, before, after in (("training", data.train, trainer.train_dataset),
+                                ("held-out", data.eval if trainer_eval else None, trainer.eval_dataset)):
+        if before is None or after is None or not hasattr(after, "__len__"):
+            continue
+        dropped = len(before) - len(after)
+        if dropped <= 0:
+            continue
+        reason = next((text for cls in type(trainer).__mro__ if (text := DROPPED_FOR_LENGTH.get(cls.__name__))),
+                      "a row longer than max_length tokens")
+        what = (f"{dropped} of the {len(before)} {name} rows are too long for train.max_length={max_length} "
+                f"(the trainer drops {reason})")
+        if len(after) == 0:
+            raise DataError(f"{what}, so none is left; raise train.max_length or shorten the prompts")
+        logger.warning("%s; using the other %d", what, len(after))
 
 
 def record_data(run: RunDir, data: PreparedData) -> None:
