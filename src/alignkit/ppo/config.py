@@ -11,24 +11,73 @@ Batch sizes, per process and per PPO update, as TRL 1.12 defined them:
   minibatch     = rollout batch / num_mini_batches rows: one optimizer step each;
   micro-batch   = at most per_device_train_batch_size rows: one forward/backward, accumulated per minibatch.
 One update makes ``num_ppo_epochs * num_mini_batches`` optimizer steps. ``max_steps`` counts updates.
+
+Of ``TrainingArguments`` PPO takes only what its own loop honours (:data:`HONOURED_TRAINING_ARGUMENTS`); the rest
+configure transformers' ``Trainer``, which PPO does not run, so setting one is an error that lists what PPO
+honours, rather than an option accepted and silently ignored.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from transformers import TrainingArguments
+
+# The TrainingArguments options alignkit's PPO trainer reads, by what they drive in it.
+HONOURED_TRAINING_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "updates and batches": ("output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size",
+                            "gradient_accumulation_steps"),
+    "optimizer and schedule": ("learning_rate", "optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2",
+                               "adam_epsilon", "max_grad_norm", "lr_scheduler_type", "lr_scheduler_kwargs",
+                               "warmup_steps"),
+    "precision, memory and devices": ("bf16", "fp16", "activation_checkpointing", "activation_checkpointing_kwargs",
+                                      "gradient_checkpointing", "gradient_checkpointing_kwargs", "use_cpu",
+                                      "ddp_backend", "ddp_timeout"),
+    "checkpoints": ("save_strategy", "save_steps", "save_total_limit", "resume_from_checkpoint", "seed"),
+    # run_name, project and trackio_* are read by transformers' logging integrations, which PPO drives.
+    "logging": ("logging_steps", "report_to", "run_name", "project", "trackio_space_id", "trackio_bucket_id",
+                "trackio_static_space_id"),
+}
+HONOURED = frozenset(name for names in HONOURED_TRAINING_ARGUMENTS.values() for name in names)
+
+# ``optim`` values PPO builds through transformers' own factory (Trainer.get_optimizer_cls_and_kwargs): those
+# that are a torch.optim.Optimizer over a list of parameters (torch's, transformers' Adafactor, bitsandbytes').
+# Not these: GaLore / APOLLO (low-rank projections of one model's target modules), LOMO / AdaLOMO (the update is
+# fused into the backward pass, before PPO averages and clips the gradients), schedule-free optimizers (need
+# their train / eval mode switched around every evaluation), and the XLA / NPU / torchao variants.
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop",
+              "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit",
+              "lion_32bit", "lion_8bit", "paged_lion_32bit", "paged_lion_8bit",
+              "ademamix", "ademamix_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit",
+              "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit")
+SAVE_STRATEGIES = ("no", "steps")  # PPO has no epochs to save at and no held-out metric to pick a best by
+
+
+class OptionError(ValueError):
+    """An option PPO refuses. ``keys`` names the refused options, because the message names the accepted ones
+    too (recipe validation puts the keys in front of the message)."""
+
+    def __init__(self, message: str, keys: list[str]):
+        super().__init__(message)
+        self.keys = keys
 
 
 @dataclass
 class PPOConfig(TrainingArguments):
-    """Options of alignkit's PPO trainer (every transformers TrainingArguments option is accepted too)."""
+    """Options of alignkit's PPO trainer: its own, and the TrainingArguments options it honours."""
 
     # Overridden TrainingArguments defaults: PPO is run in updates, logged and saved per update.
-    learning_rate: float = field(default=3e-6, metadata={"help": "AdamW learning rate (policy and critic)."})
+    learning_rate: float = field(default=3e-6, metadata={"help": "Learning rate of the policy and the critic."})
     logging_steps: float = field(default=1, metadata={"help": "Log every this many PPO updates."})
     save_steps: float = field(default=50, metadata={"help": "Save a checkpoint every this many PPO updates."})
+    resume_from_checkpoint: bool | str | None = field(
+        default=None,
+        metadata={"help": "Continue from a PPO checkpoint: its directory (checkpoint-N, from this run dir or "
+                  "another), or true for the last complete checkpoint in output_dir (an error if there is none). "
+                  "Null: an unfinished run in output_dir resumes from its last checkpoint anyway."},
+    )
     max_steps: int = field(
         default=-1,
         metadata={"help": "Number of PPO updates (each a fresh rollout batch). -1: from total_episodes, else from "
@@ -42,8 +91,18 @@ class PPOConfig(TrainingArguments):
         metadata={"help": "Sampling temperature of the rollouts. The training log-probabilities divide the logits "
                   "by the same temperature, so the ratio is taken between the distributions that were sampled."},
     )
-    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens (0: no limit)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0: no limit)."})
+    top_k: int = field(
+        default=0,
+        metadata={"help": "Must stay 0 (no top-k cut). PPO's ratio and KL are ratios of log-probabilities under the "
+                  "distribution the answers were sampled from; a top-k cut samples from a truncated distribution "
+                  "whose support moves as the policy learns and is not the reference's, where a sampled token can "
+                  "have probability 0 (an infinite KL). Shape the rollouts with temperature, which the training "
+                  "log-probabilities apply too."},
+    )
+    top_p: float = field(
+        default=1.0,
+        metadata={"help": "Must stay 1.0 (no nucleus cut), for the reason given for top_k."},
+    )
     total_episodes: int | None = field(
         default=None, metadata={"help": "Number of answers to train on in total (sets the number of updates)."}
     )
@@ -108,6 +167,7 @@ class PPOConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._refuse_unhonoured()
         for name in ("response_length", "num_ppo_epochs", "num_mini_batches", "local_rollout_forward_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -119,3 +179,55 @@ class PPOConfig(TrainingArguments):
             raise ValueError(f"temperature must be > 0 (the rollouts sample), got {self.temperature}")
         if self.kl_target is not None and self.kl_target <= 0:
             raise ValueError(f"kl_target must be > 0, got {self.kl_target}")
+
+    def _refuse_unhonoured(self) -> None:
+        """Raise ValueError for every TrainingArguments option set here that PPO does not honour, and for the
+        values of honoured ones that it cannot honour; the message says what PPO does honour."""
+        ignored = unhonoured_options(self)
+        if ignored:
+            raise OptionError(_refusal(ignored), list(ignored))
+        optim = getattr(self.optim, "value", self.optim)
+        if optim not in OPTIMIZERS:
+            raise OptionError(f"optim={optim} is not one PPO can build (its own loop needs an optimizer over a "
+                              f"list of parameters); use one of {', '.join(OPTIMIZERS)}", ["optim"])
+        save_strategy = getattr(self.save_strategy, "value", self.save_strategy)
+        if save_strategy not in SAVE_STRATEGIES:
+            raise OptionError(f"save_strategy={save_strategy}: PPO saves a checkpoint every save_steps updates "
+                              "(steps) or never (no)", ["save_strategy"])
+        cut = [name for name, unset in (("top_k", 0), ("top_p", 1.0)) if getattr(self, name) != unset]
+        if cut:
+            raise OptionError(f"top_k={self.top_k}, top_p={self.top_p}: PPO samples from the full distribution "
+                              "(top_k 0, top_p 1.0), because its ratio and KL are only right for the distribution "
+                              "that was sampled, and a cut one gives sampled tokens probability 0 under the "
+                              "reference; shape the rollouts with temperature", cut)
+
+
+def ppo_options() -> list[str]:
+    """The options PPOConfig adds to TrainingArguments, in the order they are declared."""
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return [f.name for f in dataclasses.fields(PPOConfig) if f.init and f.name not in inherited]
+
+
+def unhonoured_options(config: TrainingArguments) -> dict[str, Any]:
+    """The TrainingArguments options of ``config`` that PPO does not honour and that hold something else than
+    they hold when left unset. Compared with a TrainingArguments built from the honoured options alone, not with
+    the dataclass defaults: ``__post_init__`` fills some options in from others (use_cpu turns
+    dataloader_pin_memory off) and from the environment."""
+    unset = TrainingArguments(**{name: getattr(config, name) for name in HONOURED})
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainingArguments)
+            if f.init and f.name not in HONOURED and getattr(config, f.name) != getattr(unset, f.name)}
+
+
+def _refusal(ignored: dict[str, Any]) -> str:
+    shown = ", ".join(f"{name}={_show(value)}" for name, value in ignored.items())
+    upload = (" PPO uploads nothing: push the run dir (the final policy) to the Hub yourself."
+              if any(name == "push_to_hub" or name.startswith("hub_") for name in ignored) else "")
+    return (f"alignkit's PPO trainer does not use {shown}: TrainingArguments' other options configure "
+            f"transformers' Trainer, which PPO does not run, so remove {'it' if len(ignored) == 1 else 'them'}."
+            f"{upload} PPO honours these TrainingArguments options: {', '.join(sorted(HONOURED))}; and its own: "
+            f"{', '.join(ppo_options())}")
+
+
+def _show(value: Any) -> str:
+    value = getattr(value, "value", value)  # transformers' enums
+    return str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, str) else str(value)

@@ -8,8 +8,13 @@ One PPO update:
      score lands on the last real token, every token pays ``kl_coef`` * KL(policy || reference).
   4. GAE advantages and returns, advantages whitened over the batch.
   5. ``num_ppo_epochs`` passes over the batch in shuffled minibatches (gradient accumulation over
-     micro-batches): clipped policy loss + ``vf_coef`` * clipped value loss, gradient clipping, AdamW, LR
-     schedule.
+     micro-batches): clipped policy loss + ``vf_coef`` * clipped value loss, gradient clipping, the optimizer
+     named by ``optim`` (built by transformers' own factory), LR schedule.
+
+With ``bf16`` / ``fp16`` every forward of the policy, reference and critic (sampling, scoring, training) runs
+under ``torch.autocast`` (fp16 with a gradient scaler); the weights keep their dtype. Rollouts run with the
+models in eval mode (dropout is off in both modes, so the log-probabilities are the same), training in train
+mode, where ``activation_checkpointing`` applies.
 
 Several processes (``accelerate launch``) each roll out their own share of the prompts; gradients of the
 trainable parameters are averaged across processes before every optimizer step, so every process holds the
@@ -18,6 +23,7 @@ same weights. The arithmetic lives in :mod:`alignkit.ppo.core`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,19 +31,21 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from alignkit.errors import RecipeError
 from alignkit.ppo import core
 from alignkit.ppo.config import PPOConfig
 from alignkit.ppo.models import POLICY, ActorCritic
-from alignkit.runs import RunDir
+from alignkit.runs import RunDir, last_checkpoint
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE, WEIGHTS_FILE, LOG_FILE, SAMPLES_FILE = "trainer_state.json", "trainable.safetensors", "ppo_log.jsonl", \
-    "samples.jsonl"
+STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE = "trainer_state.json", "trainable.safetensors", "optimizer.pt"
+LOG_FILE, SAMPLES_FILE = "ppo_log.jsonl", "samples.jsonl"
 SAMPLES_PER_LOG = 4
 
 # reward(prompts, completions, columns) -> (summed reward per answer, mean reward per source)
@@ -77,8 +85,9 @@ class PPOTrainer:
         self.models, self.tokenizer, self.args, self.reward = models, tokenizer, args, reward
         self.train_prompts, self.eval_prompts, self.eval_generation = train_prompts, eval_prompts, eval_generation
         self.run = run
-        self.state = PartialState()
-        self.device = self.state.device
+        # TrainingArguments sets up the process state as the Trainer's is (use_cpu, ddp_backend, ddp_timeout).
+        self.device = args.device
+        self.state = args.distributed_state or PartialState()
         self.world_size = self.state.num_processes
         self.updates = self._count_updates()
         self.kl_coef = args.kl_coef
@@ -88,14 +97,16 @@ class PPOTrainer:
         self.minibatch_stats: list[dict[str, float]] = []
         self._place_models()
         self.parameters = list(models.trainable.values())
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=args.learning_rate, betas=(args.adam_beta1,
-                                           args.adam_beta2), eps=args.adam_epsilon, weight_decay=args.weight_decay)
+        self.optimizer = self._build_optimizer()
         from transformers import get_scheduler
 
         optimizer_steps = self.updates * args.num_ppo_epochs * args.num_mini_batches
         self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=args.get_warmup_steps(optimizer_steps),
-                                       num_training_steps=optimizer_steps)
+                                       num_training_steps=optimizer_steps,
+                                       scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+        # fp16 gradients underflow without loss scaling; disabled (every call a pass-through) otherwise.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=bool(args.fp16))
         self._init_reporting()
 
     # ---- the loop --------------------------------------------------------------------------------------
@@ -121,7 +132,7 @@ class PPOTrainer:
             self._log(stats)
             if sample_every and (update % sample_every == 0 or update == 1):
                 self._write_samples(update, rollout)
-            if self.args.save_steps and update % int(self.args.save_steps) == 0 and update < self.updates:
+            if self._saves_at(update):
                 self._save_checkpoint(update)
         return self._finish()
 
@@ -132,6 +143,7 @@ class PPOTrainer:
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
         queries = self._tokenize(prompts)
         query_length = queries["input_ids"].shape[1]
+        self._set_training(False)
         torch.manual_seed(seed * self.world_size + self.state.process_index)  # resumable, distinct per process
         responses = torch.cat([self._generate(queries["input_ids"][chunk], queries["attention_mask"][chunk])
                                for chunk in self._chunks(len(rows))])
@@ -141,7 +153,7 @@ class PPOTrainer:
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
 
         logprobs, ref_logprobs, values = [], [], []
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             for chunk in self._chunks(len(rows)):
                 inputs = (input_ids[chunk], attention_mask[chunk], position_ids[chunk])
                 logprobs.append(self._answer_logprobs(self.models.policy_logits(*inputs), responses[chunk],
@@ -174,14 +186,18 @@ class PPOTrainer:
         args = self.args
         generator = torch.Generator().manual_seed(args.seed + len(self.history))
         self.minibatch_stats = []
+        self._set_training(True)
         for _epoch in range(args.num_ppo_epochs):
             order = torch.randperm(len(rollout.completions), generator=generator)
             for minibatch in order.split(args.local_mini_batch_size):
                 micro_stats = [self._backward(rollout, micro.to(self.device), len(minibatch))
                                for micro in minibatch.split(args.per_device_train_batch_size)]
+                # Averaged while still scaled: every process sees the same overflow and skips the same steps.
                 self._average_gradients()
+                self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
                 grad_norm = self._clip_gradients()
-                self.optimizer.step()
+                self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
+                self.scaler.update()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 stats = {key: sum(s[key] * s["rows"] for s in micro_stats) / len(minibatch)
@@ -198,16 +214,18 @@ class PPOTrainer:
     def _backward(self, rollout: Rollout, rows: torch.Tensor, minibatch_rows: int) -> dict[str, float]:
         inputs = (rollout.input_ids[rows], rollout.attention_mask[rows], rollout.position_ids[rows])
         mask = rollout.mask[rows]
-        logprobs, entropy = self._answer_logprobs(self.models.policy_logits(*inputs), rollout.responses[rows],
-                                                  rollout.query_length, with_entropy=True)
-        values = self.models.values(*inputs)[:, rollout.query_length - 1:-1]
+        with self._autocast():
+            logits, values = self.models.policy_logits(*inputs), self.models.values(*inputs)
+        logprobs, entropy = self._answer_logprobs(logits, rollout.responses[rows], rollout.query_length,
+                                                  with_entropy=True)
+        values = values[:, rollout.query_length - 1:-1]
         pg_loss, pg_stats = core.policy_loss(logprobs, rollout.logprobs[rows], rollout.advantages[rows], mask,
                                              self.args.cliprange)
         vf_loss, vf_stats = core.value_loss(values, rollout.values[rows], rollout.returns[rows], mask,
                                             self.args.cliprange_value)
         loss = pg_loss + self.args.vf_coef * vf_loss
         # Each micro-batch's mean loss counts by its share of the minibatch's rows.
-        (loss * len(rows) / minibatch_rows).backward()
+        self.scaler.scale(loss * len(rows) / minibatch_rows).backward()
         value = lambda tensor: float(tensor.detach())  # noqa: E731
         return {"loss/policy": value(pg_loss), "loss/value": value(vf_loss), "policy/ratio": value(pg_stats["ratio"]),
                 "policy/clipfrac": value(pg_stats["clipfrac"]), "policy/approx_kl": value(pg_stats["approx_kl"]),
@@ -223,7 +241,8 @@ class PPOTrainer:
         rows = self.eval_prompts
         prompts = list(rows["prompt"])
         columns = {key: list(rows[key]) for key in rows.column_names if key != "prompt"}
-        with self.models._adapter(POLICY):
+        self._set_training(False)
+        with self.models._adapter(POLICY), self._autocast():
             completions = generate(self.models.policy, self.tokenizer, prompts, self.eval_generation)
         rewards, _ = self.reward(prompts, completions, columns)
         return sum(rewards) / len(rewards)
@@ -276,11 +295,12 @@ class PPOTrainer:
         from transformers import GenerationConfig
 
         args = self.args
+        # top_k / top_p are always off (PPOConfig refuses cuts), and said so: GenerationConfig's default is top_k 50.
         config = GenerationConfig(max_new_tokens=args.response_length, min_new_tokens=0, do_sample=True,
                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                   eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                                   use_cache=True)
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             output = self.models.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         answers = output[:, input_ids.shape[1]:]
         padding = args.response_length - answers.shape[1]
@@ -360,10 +380,58 @@ class PPOTrainer:
         for model in (models.policy, models.reference, models.critic_model, models.value_head):
             if model is not None and not getattr(model, "hf_device_map", None) and not _is_quantized(model):
                 model.to(self.device)
-        for model in (models.policy, models.critic_model, models.value_head):
-            model.train()
+        self._set_training(True)
         if models.reference is not None:
             models.reference.eval()
+
+    def _set_training(self, training: bool) -> None:
+        """Train mode for the updates, eval mode for rollouts and evaluation: activation checkpointing acts in
+        train mode only, where it would also switch off the KV cache that generate() relies on, and a no-grad
+        forward has no activations to spare. Dropout is off in both modes (models._freeze_all_but), so both
+        compute the same log-probabilities and the first minibatch's ratio is 1."""
+        for model in (self.models.policy, self.models.critic_model, self.models.value_head):
+            model.train(training)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """``bf16`` / ``fp16``: mixed precision for a forward, as transformers' Trainer runs its forwards (through
+        accelerate's autocast); the weights keep their dtype, and log-probabilities are taken in float32."""
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer named by ``optim``, from transformers' own factory (the Trainer's names, classes and
+        keyword arguments: optim_args, betas, eps, 8-bit and paged bitsandbytes states), with the Trainer's
+        parameter groups: no weight decay on biases and norms."""
+        from transformers import Trainer
+
+        optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args)
+        decay: set[int] = set()
+        for module in self._trained_modules():
+            # get_decay_parameter_names reads nothing of the Trainer instance, only the module.
+            names = set(Trainer.get_decay_parameter_names(None, module))
+            decay |= {id(parameter) for name, parameter in module.named_parameters() if name in names}
+        groups = [{"params": [p for p in self.parameters if id(p) in decay], "weight_decay": self.args.weight_decay},
+                  {"params": [p for p in self.parameters if id(p) not in decay], "weight_decay": 0.0}]
+        optimizer = optimizer_class([group for group in groups if group["params"]], **kwargs)
+        if kwargs.get("optim_bits") == 8:
+            # As the Trainer does: embeddings keep 32-bit optimizer states (8-bit ones destabilise them).
+            import bitsandbytes
+
+            manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+            for module in self._trained_modules():
+                for embedding in (m for m in module.modules() if isinstance(m, torch.nn.Embedding)):
+                    manager.register_module_override(embedding, "weight", {"optim_bits": 32})
+        return optimizer
+
+    def _trained_modules(self) -> list[torch.nn.Module]:
+        models = self.models
+        return list({id(m): m for m in (models.policy, models.critic_model, models.value_head)}.values())
+
+    def _saves_at(self, update: int) -> bool:
+        args = self.args
+        strategy = getattr(args.save_strategy, "value", args.save_strategy)
+        return (strategy == "steps" and bool(args.save_steps) and update % int(args.save_steps) == 0
+                and update < self.updates)
 
     def _average_gradients(self) -> None:
         if self.world_size == 1:
@@ -448,8 +516,8 @@ class PPOTrainer:
             path.mkdir(parents=True, exist_ok=True)
             self.models.save_policy(path)
             save_file(self.models.trainable_state(), str(path / WEIGHTS_FILE))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       path / "optimizer.pt")
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "scaler": self.scaler.state_dict()}, path / OPTIMIZER_FILE)
             # Written last: a checkpoint without it was cut off mid-save and is never resumed from.
             (path / STATE_FILE).write_text(json.dumps({
                 "update": update, "kl_coef": self.kl_coef, "eval_reward_start": self.eval_reward_start,
@@ -471,9 +539,11 @@ class PPOTrainer:
         path = self.run.resume_from
         assert path is not None
         self.models.load_trainable_state(load_file(str(path / WEIGHTS_FILE)))
-        saved = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
+        saved = torch.load(path / OPTIMIZER_FILE, map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        if saved.get("scaler"):  # checkpoints of fp16 runs
+            self.scaler.load_state_dict(saved["scaler"])
         state = json.loads((path / STATE_FILE).read_text())
         self.kl_coef, self.history = state["kl_coef"], state["history"]
         self.eval_reward_start = state["eval_reward_start"]
@@ -481,6 +551,27 @@ class PPOTrainer:
         if self.state.is_main_process:  # the log keeps exactly the updates the resumed run stands on
             (self.run.path / LOG_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in self.history))
         return int(state["update"])
+
+
+def checkpoint_to_resume(args: PPOConfig, run: RunDir) -> Path | None:
+    """The checkpoint a run continues from: ``train.resume_from_checkpoint`` (a checkpoint directory, or true for
+    the last complete one in the run dir), else the one the run dir chose (an unfinished run's last)."""
+    option = args.resume_from_checkpoint
+    if option is None or option is False:
+        return run.resume_from
+    if option is True:
+        found = last_checkpoint(run.path)
+        if found is None:
+            raise RecipeError(f"train.resume_from_checkpoint is true, but {run.path} holds no complete PPO "
+                              "checkpoint (checkpoint-N with trainer_state.json); give a checkpoint's path, or "
+                              "remove the option to start a new run")
+        return found
+    path = Path(option).expanduser()
+    missing = [name for name in (STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE) if not (path / name).is_file()]
+    if missing:
+        raise RecipeError(f"train.resume_from_checkpoint: {path} is not a complete PPO checkpoint (it lacks "
+                          f"{', '.join(missing)}); give a checkpoint-N directory of a ppo run dir")
+    return path
 
 
 def _is_quantized(model) -> bool:

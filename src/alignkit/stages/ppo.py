@@ -17,7 +17,7 @@ from alignkit import training
 from alignkit.data import load_prompt_data
 from alignkit.ppo.config import PPOConfig
 from alignkit.ppo.models import build_actor_critic
-from alignkit.ppo.trainer import PPOTrainer
+from alignkit.ppo.trainer import PPOTrainer, checkpoint_to_resume
 from alignkit.recipe import Recipe
 from alignkit.rewards import RewardSettings, load_reward_functions, weighted_reward
 from alignkit.runs import RunDir
@@ -31,8 +31,12 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict:
 
 
 def build_trainer(recipe: Recipe, run_dir: RunDir) -> PPOTrainer:
-    """Everything up to the first update: config, data (before any model, to fail fast), rewards, models."""
+    """Everything up to the first update: config, checkpoint to resume from, data (before any model, to fail
+    fast), rewards, models."""
+    from transformers import set_seed
+
     args = training.training_args(recipe, PPOConfig, run_dir.path)
+    run_dir.resume_from = checkpoint_to_resume(args, run_dir)  # the option wins over the run dir's own choice
     data = load_prompt_data(recipe.data)
     training.record_data(run_dir, data)
     settings: RewardSettings = recipe.sections["reward"]
@@ -41,6 +45,8 @@ def build_trainer(recipe: Recipe, run_dir: RunDir) -> PPOTrainer:
     def reward(prompts, completions, columns):
         return weighted_reward(functions, settings.weights, prompts, completions, columns)
 
+    # What the models create at random as they load (new adapters, a critic's head) follows train.seed.
+    set_seed(args.seed)
     models, tokenizer = build_actor_critic(recipe, args, functions)
     return PPOTrainer(models, tokenizer, args, reward, data.train, run_dir,
                       eval_prompts=held_out_prompts(data.eval, recipe),
@@ -49,4 +55,4 @@ def build_trainer(recipe: Recipe, run_dir: RunDir) -> PPOTrainer:
 
 STAGE = Stage(name="ppo", help="PPO with a critic (alignkit's trainer): reward models and rule rewards",
               train_config=lambda: PPOConfig, run=run, sections={"reward": RewardSettings},
-              required_sections=("reward",))
+              required_sections=("reward",), rows="prompt")

@@ -1,0 +1,277 @@
+"""The TrainingArguments options of alignkit's PPO: each one it accepts does what it says (bf16 / fp16 autocast,
+activation checkpointing, resume_from_checkpoint, optim), and every other one is refused with the list of what
+PPO honours (issue 17, finding 3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, kill_when_written, run_cli
+from test_ppo import DEMO_PPO, FROM_BASE, QUICK
+
+from alignkit.errors import RecipeError
+from alignkit.ppo.config import PPOConfig, unhonoured_options
+from alignkit.recipe import load_recipe
+from alignkit.runs import RunDir, last_checkpoint
+
+
+def _trainer(run_dir: Path, *overrides: str, recipe: str = DEMO_PPO, start: tuple[str, ...] = FROM_BASE):
+    from alignkit.stages.ppo import build_trainer
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return build_trainer(load_recipe(recipe, [*start, f"train.output_dir={run_dir}", *overrides]),
+                         RunDir(path=run_dir))
+
+
+def _record_output_dtypes(module: torch.nn.Module, seen: list[torch.dtype]):
+    return module.register_forward_hook(lambda _module, _inputs, output: seen.append(output.dtype))
+
+
+# ---- refused options ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, named", [
+    (("train.push_to_hub=true",), "push_to_hub=true"),
+    (("train.optim_target_modules=[q_proj]", "train.eval_strategy=steps", "train.eval_steps=5"),
+     "optim_target_modules=['q_proj'], eval_strategy='steps', eval_steps=5"),
+])
+def test_options_ppo_does_not_honour_are_refused_with_the_list_of_those_it_does(tmp_path, overrides, named):
+    from alignkit import training
+
+    with pytest.raises(RecipeError) as refused:  # at validation, which builds the stage's config
+        training.training_args(load_recipe(DEMO_PPO, [f"train.output_dir={tmp_path}", *overrides]), PPOConfig,
+                               tmp_path)
+    message = str(refused.value)
+    assert f"does not use {named}" in message and "\n" not in message
+    honoured = message.split("PPO honours these TrainingArguments options: ")[1]
+    for name in ("bf16", "fp16", "activation_checkpointing", "resume_from_checkpoint", "optim", "learning_rate",
+                 "lr_scheduler_type", "warmup_steps", "save_steps", "use_cpu", "response_length", "kl_coef"):
+        assert name in honoured, name
+    assert "push_to_hub" not in honoured and "eval_strategy" not in honoured
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"optim": "galore_adamw"}, "optim=galore_adamw is not one PPO can build"),
+    ({"optim": "schedule_free_adamw"}, "use one of adamw_torch, adamw_torch_fused"),
+    ({"save_strategy": "epoch"}, "every save_steps updates"),
+    ({"top_k": 50}, "only right for the distribution that was sampled"),
+    ({"top_p": 0.9}, "only right for the distribution that was sampled"),
+])
+def test_values_ppo_cannot_honour_are_refused(tmp_path, values, message):
+    with pytest.raises(ValueError, match=message):
+        PPOConfig(output_dir=str(tmp_path), **values)
+
+
+def test_shipped_ppo_recipes_set_only_what_ppo_honours(tmp_path):
+    """Built as the planner builds them (use_cpu, so that the bf16 recipes for GPUs build here too)."""
+    from alignkit import training
+
+    shipped = sorted((REPO / "recipes").glob("*/ppo*.yaml"))
+    assert len(shipped) >= 3
+    for path in shipped:
+        recipe = load_recipe(str(path), [f"train.output_dir={tmp_path / path.stem}", "train.use_cpu=true"])
+        args = training.training_args(recipe, PPOConfig, tmp_path / path.stem)  # raises on a refused option
+        assert unhonoured_options(args) == {}, path
+
+
+# ---- mixed precision ------------------------------------------------------------------------------------------
+
+# Observed on 2 cores (the noisy SFT policy, recipes/demo/ppo.yaml with bf16 autocast, 40 updates, ~0.8 s each):
+# held-out greedy reward 0.170 -> 0.483, rollout reward 0.227 -> 0.355, KL 2.4 nats per answer.
+BF16_UPDATES = 40
+
+
+def test_bf16_runs_every_forward_under_autocast_and_learns(noisy_sft_run, tmp_path):
+    trainer = _trainer(tmp_path / "run", "train.bf16=true", "train.use_cpu=true", f"train.max_steps={BF16_UPDATES}",
+                       "train.save_strategy=no", start=(f"model.name_or_path={noisy_sft_run}",))
+    models = trainer.models
+    # The weights stay float32: only the computation is bf16.
+    assert all(p.dtype == torch.float32 for p in models.trainable.values())
+    policy_seen: list[torch.dtype] = []
+    critic_seen: list[torch.dtype] = []
+    hooks = [_record_output_dtypes(models.policy.get_base_model().lm_head, policy_seen),
+             _record_output_dtypes(models.value_head, critic_seen)]
+    metrics = trainer.train()
+    for hook in hooks:
+        hook.remove()
+    # Sampling, rollout scoring (policy, reference, critic), training forwards and the held-out evaluation.
+    assert len(policy_seen) > 3 * BF16_UPDATES and set(policy_seen) == {torch.bfloat16}
+    assert len(critic_seen) >= 2 * BF16_UPDATES and set(critic_seen) == {torch.bfloat16}
+    assert metrics["ppo/eval_reward_start"] < 0.3, metrics
+    assert metrics["ppo/eval_reward_end"] >= metrics["ppo/eval_reward_start"] + 0.15, metrics
+    assert metrics["ppo/reward_end"] >= metrics["ppo/reward_start"] + 0.05, metrics
+    assert 0.0 < metrics["ppo/kl_end"] < 6.0, metrics
+    # The rollout was scored under the same autocast as the training forwards: the first ratio is still 1.
+    assert all(entry["policy/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-3) for entry in trainer.history)
+
+
+def test_fp16_autocasts_and_scales_the_loss(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path / "run", *QUICK, "train.fp16=true", "train.learning_rate=1e-3")
+    seen: list[torch.dtype] = []
+    hook = _record_output_dtypes(trainer.models.policy.get_base_model().lm_head, seen)
+    factors: list[float] = []
+    scale = trainer.scaler.scale
+
+    def recording_scale(loss: torch.Tensor) -> torch.Tensor:
+        scaled = scale(loss)
+        factors.append(float((scaled / loss).detach()))
+        return scaled
+
+    monkeypatch.setattr(trainer.scaler, "scale", recording_scale)
+    before = {n: p.detach().clone() for n, p in trainer.models.trainable.items() if ".default." in n}
+    for update in (1, 2):
+        trainer.optimise(trainer.rollout(trainer._prompts_for(update), seed=update))
+    hook.remove()
+    assert seen and set(seen) == {torch.float16}
+    # Every micro-batch's loss (one per minibatch here, in each of the two updates) went through the gradient
+    # scaler, multiplied by its scale (2**16 to start, halved after an overflow).
+    assert len(factors) == 2 * len(trainer.minibatch_stats) and all(factor > 1 for factor in factors)
+    assert all(torch.isfinite(p).all() for p in trainer.models.trainable.values())
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.models.trainable.items() if n in before)
+
+
+# ---- optimizers -----------------------------------------------------------------------------------------------
+
+def test_optim_builds_transformers_choice_with_the_trainers_groups(tmp_path):
+    import bitsandbytes
+
+    # A full fine-tune, so that there are norms (no weight decay) and an embedding (32-bit states, as the
+    # Trainer keeps them) among the trained parameters, and matrices big enough for 8-bit states.
+    trainer = _trainer(tmp_path / "run", *QUICK, "adapter={method: none}", "train.optim=adamw_8bit",
+                       "train.weight_decay=0.1", "train.adam_beta2=0.95")
+    optimizer, policy = trainer.optimizer, trainer.models.policy
+    assert isinstance(optimizer, bitsandbytes.optim.AdamW) and optimizer.args.optim_bits == 8
+    assert optimizer.defaults["betas"] == (0.9, 0.95)
+    decay, no_decay = optimizer.param_groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    assert id(policy.model.norm.weight) in no_decay_ids and id(policy.model.layers[0].self_attn.q_proj.weight) \
+        not in no_decay_ids
+    trainer.optimise(trainer.rollout(trainer._prompts_for(1), seed=1))
+    assert optimizer.state[policy.model.layers[0].self_attn.q_proj.weight]["state1"].dtype == torch.uint8
+    assert optimizer.state[policy.model.embed_tokens.weight]["state1"].dtype == torch.float32
+
+    default = _trainer(tmp_path / "default", *QUICK)  # transformers' default: fused torch AdamW
+    assert type(default.optimizer) is torch.optim.AdamW and default.optimizer.defaults["fused"]
+
+
+# ---- activation checkpointing ---------------------------------------------------------------------------------
+
+# One PPO update's peak memory in a fresh process: PPO's optimise step on a rollout of 16 answers of 192 tokens
+# from a random 8-layer model (the demo's width and tokenizer), with checkpointing off, then on. glibc returns
+# every freed block of 128 KiB or more (a fixed mmap threshold), so the resident size follows what is held.
+PEAK_SCRIPT = r"""
+import gc, json, re, sys
+from pathlib import Path
+from alignkit.recipe import load_recipe
+from alignkit.runs import RunDir
+from alignkit.stages.ppo import build_trainer
+
+model_dir, out, *overrides = sys.argv[1:]
+
+def kib(name):
+    return int(re.search(rf"^{name}:\s+(\d+)", Path("/proc/self/status").read_text(), re.M).group(1))
+
+def update_peak(checkpointing):
+    run = Path(out) / checkpointing
+    run.mkdir(parents=True)
+    recipe = load_recipe("recipes/demo/ppo.yaml", [f"model.name_or_path={model_dir}", f"train.output_dir={run}",
+                                                   f"train.activation_checkpointing={checkpointing}", *overrides])
+    trainer = build_trainer(recipe, RunDir(path=run))
+    rollout = trainer.rollout(trainer._prompts_for(1), seed=1)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from the current size
+    before = kib("VmRSS")
+    trainer.optimise(rollout)
+    return {"peak_mib": (kib("VmHWM") - before) / 1024, "length": rollout.input_ids.shape[1]}
+
+print(json.dumps({checkpointing: update_peak(checkpointing) for checkpointing in ("false", "true")}))
+"""
+
+
+@pytest.fixture
+def deeper_random_model(tmp_path, demo_model_path) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(demo_model_path)
+    config.num_hidden_layers, config.intermediate_size, config.max_position_embeddings = 8, 512, 1024
+    torch.manual_seed(0)
+    path = tmp_path / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(demo_model_path).save_pretrained(path)
+    return path
+
+
+def test_activation_checkpointing_lowers_the_peak_memory_of_an_update(tmp_path, deeper_random_model):
+    overrides = [*FROM_BASE[1:], "train.response_length=192", "train.per_device_train_batch_size=16",
+                 "train.num_mini_batches=1", "train.num_ppo_epochs=1", "train.local_rollout_forward_batch_size=16"]
+    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(deeper_random_model), str(tmp_path / "runs"),
+                             *overrides], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    peaks = json.loads(result.stdout.strip().splitlines()[-1])
+    off, on = peaks["false"], peaks["true"]
+    assert off["length"] == on["length"] > 192  # the same rollout: prompt + 192 answer tokens
+    # Observed: 695 MiB without checkpointing, 97 MiB with (the layers' inputs, then one layer at a time).
+    assert on["peak_mib"] < 0.5 * off["peak_mib"], peaks
+    assert off["peak_mib"] > 200, peaks  # the activations dominate: the comparison measures them
+
+
+def test_activation_checkpointing_is_on_in_training_and_off_for_rollouts(tmp_path):
+    trainer = _trainer(tmp_path / "run", *QUICK, "train.activation_checkpointing=true")
+    base = trainer.models.policy.get_base_model()
+    assert base.is_activation_checkpointing
+    rollout = trainer.rollout(trainer._prompts_for(1), seed=1)
+    assert not base.training  # generate() keeps its KV cache: checkpointing acts in train mode only
+    stats = trainer.optimise(rollout)
+    assert base.training
+    assert stats["policy/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-5)
+
+
+# ---- resume_from_checkpoint -----------------------------------------------------------------------------------
+
+def test_killed_run_continues_from_the_checkpoint_named_by_resume_from_checkpoint(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["ppo", DEMO_PPO, *FROM_BASE, *QUICK, "train.max_steps=6", "train.save_steps=2", "train.logging_steps=1",
+              "evaluate.max_samples=4"]
+    kill_when_written([*common, f"train.output_dir={first}"], first / "checkpoint-2" / "trainer_state.json",
+                      tmp_path / "first.log")
+    checkpoint = last_checkpoint(first)
+    assert checkpoint is not None and checkpoint.name == "checkpoint-2"
+
+    # true: the run dir's last complete checkpoint.
+    args = PPOConfig(output_dir=str(first), resume_from_checkpoint=True)
+    from alignkit.ppo.trainer import checkpoint_to_resume
+
+    assert checkpoint_to_resume(args, RunDir(path=first)) == checkpoint
+
+    # A path: a new run dir that starts where the killed run's checkpoint stands, not at update 0.
+    resumed = run_cli(*common, f"train.output_dir={second}", f"train.resume_from_checkpoint={checkpoint}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at update 2 of 6 from checkpoint-2" in resumed.stderr
+    ran = [line for line in resumed.stderr.splitlines() if "ppo update " in line]
+    assert [line.split("ppo update ")[1].split(":")[0] for line in ran] == ["3/6", "4/6", "5/6", "6/6"]
+    log = [json.loads(line) for line in (second / "ppo_log.jsonl").read_text().splitlines()]
+    assert [entry["update"] for entry in log] == [1, 2, 3, 4, 5, 6]
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["history"]
+    assert log[:2] == saved  # the first two updates are the killed run's, as its checkpoint recorded them
+    assert json.loads((second / "metrics.json").read_text())["ppo/updates"] == 6
+
+
+def test_resume_from_checkpoint_names_what_is_missing(tmp_path):
+    from alignkit.ppo.trainer import checkpoint_to_resume
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RecipeError, match="holds no complete PPO checkpoint"):
+        checkpoint_to_resume(PPOConfig(output_dir=str(empty), resume_from_checkpoint=True), RunDir(path=empty))
+    with pytest.raises(RecipeError, match="lacks trainer_state.json, trainable.safetensors, optimizer.pt"):
+        checkpoint_to_resume(PPOConfig(output_dir=str(empty), resume_from_checkpoint=str(empty)), RunDir(path=empty))
+    # Unset: the run dir's own choice (an unfinished run's last checkpoint) stands.
+    chosen = RunDir(path=empty, resume_from=tmp_path / "checkpoint-4")
+    assert checkpoint_to_resume(PPOConfig(output_dir=str(empty)), chosen) == tmp_path / "checkpoint-4"
