@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
 import yaml
-from conftest import RECIPES
+from conftest import RECIPES, REPO
 
 from alignkit.cli import main
 from alignkit.library import copy_recipe, shipped_recipes
@@ -52,3 +60,45 @@ def test_an_unknown_recipe_name_suggests_the_nearest(tmp_path, capsys):
     assert main(["recipes", "--copy", "qwen2.5-0.5b/sft-qloar", str(tmp_path / "x.yaml")]) == 2
     err = capsys.readouterr().err
     assert "no shipped recipe 'qwen2.5-0.5b/sft-qloar'" in err and "qwen2.5-0.5b/sft-qlora" in err
+
+
+def _run(*command, **kwargs) -> str:
+    """Run ``command``; fail the test with the end of its stderr unless it exits 0. Returns its stdout."""
+    result = subprocess.run([str(part) for part in command], capture_output=True, text=True, **kwargs)
+    assert result.returncode == 0, f"{command}: {result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_a_wheel_installed_outside_the_checkout_carries_the_library_and_runs_a_copied_recipe(tmp_path):
+    # `pip install .` as a user does it: a wheel built from the sources (in a copy, so the build leaves nothing in
+    # the checkout), installed without its dependencies into a fresh venv that borrows them from this one, and run
+    # from a folder that is not the checkout.
+    source = tmp_path / "source"
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
+    for name in ("src", "recipes"):
+        shutil.copytree(REPO / name, source / name, ignore=skip)
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
+        shutil.copy2(REPO / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
+    _run(*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", source)
+    [wheel] = (tmp_path / "dist").glob("alignkit-*.whl")
+    venv = tmp_path / "venv"
+    _run(sys.executable, "-m", "venv", "--without-pip", venv)
+    site_packages = Path(_run(venv / "bin" / "python", "-c",
+                              "import sysconfig; print(sysconfig.get_paths()['purelib'])").strip())
+    # The dependencies: this venv's site-packages as a plain path entry (its own .pth files, among them the
+    # editable install's link to the checkout's src/, are not read).
+    (site_packages / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    _run(*pip, "--python", venv / "bin" / "python", "install", "--no-deps", "--no-index", wheel)
+
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "ALIGNKIT_RECIPES")}
+    where = _run(venv / "bin" / "python", "-c", "import alignkit, alignkit.library as library; "
+                 "print(alignkit.__file__); print(library.library_dir())", cwd=work, env=env).split()
+    assert all(Path(path).is_relative_to(site_packages) for path in where), where  # not the checkout's
+    listed = _run(venv / "bin" / "alignkit", "recipes", cwd=work, env=env).splitlines()
+    assert [line.split()[0] for line in listed] == [recipe.name for recipe in shipped_recipes()]  # all of them
+    _run(venv / "bin" / "alignkit", "recipes", "--copy", "demo/sft", "x.yaml", cwd=work, env=env)
+    _run(venv / "bin" / "alignkit", "sft", "x.yaml", "train.max_steps=5", cwd=work, env=env, timeout=300)
+    assert json.loads((work / "runs" / "demo-sft" / "metrics.json").read_text())["train/global_step"] == 5

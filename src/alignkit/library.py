@@ -3,6 +3,10 @@
 Shipped recipes live in ``recipes/<model>/<stage>-<variant>.yaml`` (``_base/`` holds shared parts they
 ``extend``). A copy is standalone: the ``extends`` chain is merged into one file, headed by the original's
 comments (the command and the hardware it was written for), so it can be edited and moved freely.
+
+The library is found in two places: an installed wheel carries it inside the package (``alignkit/recipes``,
+copied there by setup.py's build hook); a source checkout (an editable install, as ``make setup`` makes) has
+it as the top-level ``recipes/`` folder next to ``src/``.
 """
 
 from __future__ import annotations
@@ -29,14 +33,20 @@ class ShippedRecipe:
 
 
 def library_dir() -> Path:
-    """The recipes/ folder: ``ALIGNKIT_RECIPES`` if set, else the one next to the source tree (an editable
-    install, as ``make setup`` makes)."""
+    """The recipe library: ``ALIGNKIT_RECIPES`` if set; else the copy an installed wheel carries; else the
+    ``recipes/`` folder of the source checkout this module runs from."""
     configured = os.environ.get("ALIGNKIT_RECIPES")
-    path = Path(configured) if configured else Path(__file__).resolve().parents[2] / "recipes"
-    if not path.is_dir():
-        raise AlignkitError(f"no recipe library at {path}: set ALIGNKIT_RECIPES to the recipes/ folder of an "
-                            "alignkit checkout")
-    return path
+    if configured:
+        if not Path(configured).is_dir():
+            raise AlignkitError(f"ALIGNKIT_RECIPES={configured} is not a directory: point it at a recipes/ folder")
+        return Path(configured)
+    here = Path(__file__).resolve().parent
+    for path in (here / "recipes", here.parents[1] / "recipes"):  # installed wheel, then src/alignkit -> checkout
+        if path.is_dir():
+            return path
+    raise AlignkitError(f"no recipe library: this alignkit install has no {here / 'recipes'} and does not run from "
+                        "a source checkout; reinstall it from a wheel or a checkout (pip install .), or set "
+                        "ALIGNKIT_RECIPES to the recipes/ folder of an alignkit checkout")
 
 
 def shipped_recipes(root: Path | None = None) -> list[ShippedRecipe]:
@@ -75,6 +85,8 @@ def copy_recipe(name: str, destination: Path, *, overwrite: bool = False, root: 
     destination = Path(destination)
     if destination.is_dir():
         destination = destination / recipe.path.name
+    if destination.is_dir():  # --overwrite replaces a file, never a directory and what it holds
+        raise AlignkitError(f"{destination} is a directory; choose another destination file")
     if destination.exists() and not overwrite:
         raise AlignkitError(f"{destination} already exists; pass --overwrite to replace it")
     header = [f"# {line}" if line else "#" for line in _leading_comment(recipe.path)]
