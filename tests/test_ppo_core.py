@@ -15,6 +15,7 @@ from alignkit.ppo.core import (
     token_rewards,
     value_loss,
 )
+from alignkit.ppo.sampling import RowGumbelSampler, row_seeds
 
 # Two responses: 3 real tokens then padding, and 5 real tokens.
 MASK = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32)
@@ -121,3 +122,73 @@ def test_whitening_gives_zero_mean_unit_variance_over_real_tokens():
     assert torch.all(whitened[MASK == 0] == 0)
     kept = masked_whiten(values, MASK, shift_mean=False)[MASK == 1]
     assert kept.mean().item() == pytest.approx(values[MASK == 1].mean().item(), abs=1e-4)
+
+
+def test_whitening_a_batch_in_parts_with_reduce_is_whitening_the_whole():
+    """Each process whitens its rows with the whole batch's statistics (reduce = a sum across processes)."""
+    values = torch.cat([random_like_mask(12) * 5 + 3, random_like_mask(13)])
+    mask = torch.cat([MASK, MASK.flip(1)])
+    parts = [(values[:2], mask[:2]), (values[2:], mask[2:])]
+    mean = (values * mask).sum() / mask.sum()
+    # What all_reduce hands every part, in the order masked_whiten asks: token count, sum, squared deviations.
+    sums = [sum(pick(v, m) for v, m in parts) for pick in (lambda v, m: m.sum(), lambda v, m: (v * m).sum(),
+                                                           lambda v, m: ((v - mean) ** 2 * m).sum())]
+    for shift_mean in (True, False):
+        whole = masked_whiten(values, mask, shift_mean)
+        for index, (part_values, part_mask) in enumerate(parts):
+            answers = iter(sums)
+            whitened = masked_whiten(part_values, part_mask, shift_mean,
+                                     reduce=lambda _local, answers=answers: next(answers))
+            assert torch.allclose(whitened, whole[2 * index:2 * index + 2], atol=1e-6)
+
+
+def test_token_weighted_losses_of_the_parts_add_up_to_the_whole():
+    """Micro-batches and processes each divide by the minibatch's token count: their losses sum to its mean."""
+    mask = torch.cat([MASK, MASK.flip(1), MASK[:1]])
+    logprobs, old = torch.randn(mask.shape), torch.randn(mask.shape)
+    advantages, values, returns = torch.randn(mask.shape), torch.randn(mask.shape), torch.randn(mask.shape)
+    tokens = mask.sum()
+    for loss_of in (lambda rows, n: policy_loss(logprobs[rows], old[rows], advantages[rows], mask[rows], 0.2, n),
+                    lambda rows, n: value_loss(values[rows], old[rows], returns[rows], mask[rows], 0.2, n)):
+        whole, whole_stats = loss_of(slice(None), None)
+        parts = [loss_of(rows, tokens) for rows in (slice(0, 1), slice(1, 4), slice(4, 5))]
+        assert sum(loss for loss, _ in parts).item() == pytest.approx(whole.item(), abs=1e-6)
+        for key, value in whole_stats.items():
+            assert sum(stats[key] for _, stats in parts).item() == pytest.approx(value.item(), abs=1e-6)
+
+
+LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, float("-inf")])
+
+
+def _chi_square(counts: torch.Tensor, probabilities: torch.Tensor) -> float:
+    expected = probabilities * counts.sum()
+    real = probabilities > 0
+    return float(((counts[real] - expected[real]) ** 2 / expected[real]).sum())
+
+
+def test_gumbel_sampling_with_a_seed_per_row_samples_softmax_of_the_tempered_logits():
+    """argmax(logits / T + Gumbel) is an exact draw from softmax(logits / T): 20000 rows, one token each, against
+    the tempered distribution (chi-square, 4 degrees of freedom: 18.5 is the 0.1% critical value); torch's own
+    multinomial sampler on the same distribution lands in the same range, and the untempered distribution (what
+    sampling would follow if the temperature were applied twice or not at all) is far off."""
+    rows, temperature = 20000, 0.7
+    sampler = RowGumbelSampler(row_seeds(42, range(rows)), temperature)
+    tokens = sampler(None, LOGITS.expand(rows, -1)).argmax(-1)
+    counts = torch.bincount(tokens, minlength=len(LOGITS)).float()
+    tempered = torch.softmax(LOGITS / temperature, -1)
+    assert counts[-1] == 0  # a -inf logit is never drawn
+    assert _chi_square(counts, tempered) < 18.5
+    multinomial = torch.multinomial(tempered, rows, replacement=True, generator=torch.Generator().manual_seed(0))
+    assert _chi_square(torch.bincount(multinomial, minlength=len(LOGITS)).float(), tempered) < 18.5
+    assert _chi_square(counts, torch.softmax(LOGITS, -1)) > 100
+
+
+def test_a_rows_tokens_depend_on_its_seed_not_on_the_batch_it_is_drawn_in():
+    """Row i's noise comes from its own generator: drawn alone or between others, token after token, the same."""
+    seeds = row_seeds(7, [10, 11, 12])
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    together, alone = RowGumbelSampler(seeds, 0.7), RowGumbelSampler(seeds[1:2], 0.7)
+    for _step in range(3):
+        assert torch.equal(together(None, logits)[1], alone(None, logits[1:2])[0])
+    assert not torch.equal(together(None, logits)[0], together(None, logits)[0])  # the noise moves on each token
+    assert row_seeds(7, [10]) != row_seeds(8, [9])  # no seed + position collisions

@@ -70,6 +70,12 @@ class PPOConfig(TrainingArguments):
 
     # Overridden TrainingArguments defaults: PPO is run in updates, logged and saved per update.
     learning_rate: float = field(default=3e-6, metadata={"help": "Learning rate of the policy and the critic."})
+    optim: str = field(
+        default="adamw_torch",
+        metadata={"help": "The optimizer, by transformers' names (see OPTIMIZERS). Default: torch's AdamW "
+                  "(adamw_torch), the one alignkit's PPO used before it took this option; transformers' own default "
+                  "with torch >= 2.8, adamw_torch_fused, computes the same update with other rounding."},
+    )
     logging_steps: float = field(default=1, metadata={"help": "Log every this many PPO updates."})
     save_steps: float = field(default=50, metadata={"help": "Save a checkpoint every this many PPO updates."})
     resume_from_checkpoint: bool | str | None = field(

@@ -2,23 +2,30 @@
 
 One PPO update:
   1. Rollout: a batch of prompts, one sampled answer each (policy, ``temperature``), cut after the first EOS.
+     Each answer's randomness is its own, seeded by the run's seed and the prompt's position in the run
+     (:mod:`alignkit.ppo.sampling`).
   2. No-grad forwards: the policy's and the reference's log-probabilities of the answer tokens (logits
      divided by the same temperature) and the critic's values.
   3. Rewards: the reward sources score each answer; answers without EOS lose ``missing_eos_penalty``; the
      score lands on the last real token, every token pays ``kl_coef`` * KL(policy || reference).
   4. GAE advantages and returns, advantages whitened over the batch.
   5. ``num_ppo_epochs`` passes over the batch in shuffled minibatches (gradient accumulation over
-     micro-batches): clipped policy loss + ``vf_coef`` * clipped value loss, gradient clipping, the optimizer
-     named by ``optim`` (built by transformers' own factory), LR schedule.
+     micro-batches): clipped policy loss + ``vf_coef`` * clipped value loss, each a mean over the minibatch's
+     answer tokens, gradient clipping, the optimizer named by ``optim`` (built by transformers' own factory),
+     LR schedule.
 
 With ``bf16`` / ``fp16`` every forward of the policy, reference and critic (sampling, scoring, training) runs
 under ``torch.autocast`` (fp16 with a gradient scaler); the weights keep their dtype. Rollouts run with the
 models in eval mode (dropout is off in both modes, so the log-probabilities are the same), training in train
 mode, where ``activation_checkpointing`` applies.
 
-Several processes (``accelerate launch``) each roll out their own share of the prompts; gradients of the
-trainable parameters are averaged across processes before every optimizer step, so every process holds the
-same weights. The arithmetic lives in :mod:`alignkit.ppo.core`.
+Several processes (``accelerate launch``) each roll out their own block of every update's prompts, and
+compute what one process would compute for the whole batch: advantages are whitened with the statistics of
+the whole batch, the minibatches are drawn from the whole batch (each process trains on its rows of each), the
+losses are divided by the minibatch's token count over all processes and the gradients summed across them,
+and the logged statistics are those of the whole batch. With the per-answer sampling above, a run on N
+processes follows the 1-process run at the same global batch up to float rounding (tested). The arithmetic
+lives in :mod:`alignkit.ppo.core`.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from alignkit.errors import RecipeError
 from alignkit.ppo import core
 from alignkit.ppo.config import PPOConfig
 from alignkit.ppo.models import POLICY, ActorCritic
+from alignkit.ppo.sampling import RowGumbelSampler, row_seeds
 from alignkit.runs import RunDir, last_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -47,6 +55,9 @@ logger = logging.getLogger(__name__)
 STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE = "trainer_state.json", "trainable.safetensors", "optimizer.pt"
 LOG_FILE, SAMPLES_FILE = "ppo_log.jsonl", "samples.jsonl"
 SAMPLES_PER_LOG = 4
+# What _backward returns for a part of a minibatch: its share of the minibatch's token means.
+MINIBATCH_STATS = ("loss/policy", "loss/value", "policy/ratio", "policy/clipfrac", "policy/approx_kl",
+                   "policy/entropy", "value/clipfrac")
 
 # reward(prompts, completions, columns) -> (summed reward per answer, mean reward per source)
 RewardFn = Callable[[list, list[str], dict[str, list]], tuple[list[float], dict[str, float]]]
@@ -122,10 +133,9 @@ class PPOTrainer:
             else 0
         for update in range(start + 1, self.updates + 1):
             began = time.perf_counter()
-            rollout = self.rollout(self._prompts_for(update), seed=self.args.seed + update)
+            rollout = self.rollout(self._prompts_for(update), self.args.seed, self._positions_for(update))
             stats = self.optimise(rollout)
             stats.update(self._rollout_stats(rollout))
-            stats = self._mean_across_processes(stats)
             stats.update(update=update, kl_coef=self.kl_coef, lr=self.scheduler.get_last_lr()[0],
                          seconds=time.perf_counter() - began)
             self._adapt_kl_coef(stats["kl"])
@@ -136,17 +146,18 @@ class PPOTrainer:
                 self._save_checkpoint(update)
         return self._finish()
 
-    def rollout(self, rows: Sequence[dict], seed: int) -> Rollout:
-        """Answer ``rows``' prompts with the policy and score everything PPO needs (no gradients)."""
+    def rollout(self, rows: Sequence[dict], seed: int, positions: Sequence[int] | None = None) -> Rollout:
+        """Answer ``rows``' prompts with the policy and score everything PPO needs (no gradients). The answer to
+        row i is sampled with noise seeded by (``seed``, ``positions[i]``) (default: i), whatever the batch."""
         args, tokenizer = self.args, self.tokenizer
         prompts = [row["prompt"] for row in rows]
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
         queries = self._tokenize(prompts)
         query_length = queries["input_ids"].shape[1]
+        seeds = row_seeds(seed, range(len(rows)) if positions is None else positions)
         self._set_training(False)
-        torch.manual_seed(seed * self.world_size + self.state.process_index)  # resumable, distinct per process
-        responses = torch.cat([self._generate(queries["input_ids"][chunk], queries["attention_mask"][chunk])
-                               for chunk in self._chunks(len(rows))])
+        responses = torch.cat([self._generate(queries["input_ids"][chunk], queries["attention_mask"][chunk],
+                                              seeds[chunk]) for chunk in self._chunks(len(rows))])
         responses, mask, ends_with_eos = self._cut_after_eos(responses)
         input_ids = torch.cat([queries["input_ids"], responses], dim=1)
         attention_mask = torch.cat([queries["attention_mask"], mask.long()], dim=1)
@@ -172,9 +183,9 @@ class PPOTrainer:
         kl = core.kl_per_token(logprobs, ref_logprobs, mask, args.kl_estimator)
         rewards = core.token_rewards(scores, kl, mask, self.kl_coef)
         if args.whiten_rewards:
-            rewards = core.masked_whiten(rewards, mask, shift_mean=False)
+            rewards = core.masked_whiten(rewards, mask, shift_mean=False, reduce=self._sum_across_processes)
         advantages, returns = core.gae(rewards, values * mask, mask, args.gamma, args.lam)
-        advantages = core.masked_whiten(advantages, mask)
+        advantages = core.masked_whiten(advantages, mask, reduce=self._sum_across_processes)
         return Rollout(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        query_length=query_length, responses=responses, mask=mask, logprobs=logprobs,
                        ref_logprobs=ref_logprobs, values=values * mask, scores=scores, advantages=advantages,
@@ -182,27 +193,36 @@ class PPOTrainer:
                        completions=completions, source_means=source_means)
 
     def optimise(self, rollout: Rollout) -> dict[str, float]:
-        """``num_ppo_epochs`` passes of clipped policy + value updates over the rollout; mean statistics."""
+        """``num_ppo_epochs`` passes of clipped policy + value updates over the rollout; mean statistics.
+
+        The minibatches are shuffled from the whole batch of every process (the same permutation everywhere);
+        each process trains on its rows of each, dividing by the minibatch's token count over all processes,
+        and the gradients are summed across processes: the step is the one a single process would take."""
         args = self.args
-        generator = torch.Generator().manual_seed(args.seed + len(self.history))
+        generator = torch.Generator().manual_seed(args.seed + len(self.history))  # the same in every process
+        local_rows = len(rollout.completions)
+        first_row = self.state.process_index * local_rows  # this process holds rows [first_row, +local_rows)
+        tokens = self._gather(rollout.mask.sum(1))  # every answer's token count, in the whole batch's order
         self.minibatch_stats = []
         self._set_training(True)
         for _epoch in range(args.num_ppo_epochs):
-            order = torch.randperm(len(rollout.completions), generator=generator)
-            for minibatch in order.split(args.local_mini_batch_size):
-                micro_stats = [self._backward(rollout, micro.to(self.device), len(minibatch))
-                               for micro in minibatch.split(args.per_device_train_batch_size)]
-                # Averaged while still scaled: every process sees the same overflow and skips the same steps.
-                self._average_gradients()
+            order = torch.randperm(len(tokens), generator=generator)
+            for minibatch in order.split(len(tokens) // args.num_mini_batches):
+                mine = minibatch[(minibatch >= first_row) & (minibatch < first_row + local_rows)] - first_row
+                minibatch_tokens = tokens[minibatch].sum().clamp(min=1)
+                stats = dict.fromkeys(MINIBATCH_STATS, 0.0)
+                for micro in mine.split(args.per_device_train_batch_size):
+                    for key, value in self._backward(rollout, micro.to(self.device), minibatch_tokens).items():
+                        stats[key] += value
+                # Summed while still scaled: every process sees the same overflow and skips the same steps.
+                self._sum_gradients()
                 self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
                 grad_norm = self._clip_gradients()
                 self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
                 self.scaler.update()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                stats = {key: sum(s[key] * s["rows"] for s in micro_stats) / len(minibatch)
-                         for key in micro_stats[0] if key != "rows"}
-                self.minibatch_stats.append(stats | {"grad_norm": float(grad_norm)})
+                self.minibatch_stats.append(self._sum_stats(stats) | {"grad_norm": float(grad_norm)})
         means = {key: sum(s[key] for s in self.minibatch_stats) / len(self.minibatch_stats)
                  for key in self.minibatch_stats[0]}
         # Before its first step the policy is the one that sampled: ratio 1 and nothing clipped, or the
@@ -211,7 +231,9 @@ class PPOTrainer:
         return means | {"policy/ratio_first_minibatch": first["policy/ratio"],
                         "policy/clipfrac_first_minibatch": first["policy/clipfrac"]}
 
-    def _backward(self, rollout: Rollout, rows: torch.Tensor, minibatch_rows: int) -> dict[str, float]:
+    def _backward(self, rollout: Rollout, rows: torch.Tensor, minibatch_tokens: torch.Tensor) -> dict[str, float]:
+        """Forward and backward of ``rows``, a part of a minibatch of ``minibatch_tokens`` answer tokens (over all
+        processes): the losses and statistics are this part's share of the minibatch's token means."""
         inputs = (rollout.input_ids[rows], rollout.attention_mask[rows], rollout.position_ids[rows])
         mask = rollout.mask[rows]
         with self._autocast():
@@ -220,17 +242,16 @@ class PPOTrainer:
                                                   with_entropy=True)
         values = values[:, rollout.query_length - 1:-1]
         pg_loss, pg_stats = core.policy_loss(logprobs, rollout.logprobs[rows], rollout.advantages[rows], mask,
-                                             self.args.cliprange)
+                                             self.args.cliprange, tokens=minibatch_tokens)
         vf_loss, vf_stats = core.value_loss(values, rollout.values[rows], rollout.returns[rows], mask,
-                                            self.args.cliprange_value)
-        loss = pg_loss + self.args.vf_coef * vf_loss
-        # Each micro-batch's mean loss counts by its share of the minibatch's rows.
-        self.scaler.scale(loss * len(rows) / minibatch_rows).backward()
+                                            self.args.cliprange_value, tokens=minibatch_tokens)
+        # Token-weighted: the parts' losses add up to the minibatch's token mean however it is split.
+        self.scaler.scale(pg_loss + self.args.vf_coef * vf_loss).backward()
         value = lambda tensor: float(tensor.detach())  # noqa: E731
         return {"loss/policy": value(pg_loss), "loss/value": value(vf_loss), "policy/ratio": value(pg_stats["ratio"]),
                 "policy/clipfrac": value(pg_stats["clipfrac"]), "policy/approx_kl": value(pg_stats["approx_kl"]),
-                "policy/entropy": value(core.masked_mean(entropy, mask)),
-                "value/clipfrac": value(vf_stats["value_clipfrac"]), "rows": len(rows)}
+                "policy/entropy": value(core.masked_mean(entropy, mask, minibatch_tokens)),
+                "value/clipfrac": value(vf_stats["value_clipfrac"])}
 
     # ---- evaluation and results ----------------------------------------------------------------------------
 
@@ -291,17 +312,23 @@ class PPOTrainer:
             self.tokenizer.padding_side = side
         return {key: value.to(self.device) for key, value in batch.items()}
 
-    def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        from transformers import GenerationConfig
+    def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """Sampled answers (``temperature``, the full distribution: PPOConfig refuses top_k / top_p) as greedy
+        decoding over per-row Gumbel noise (:class:`RowGumbelSampler`), right-padded to ``response_length``."""
+        from transformers import GenerationConfig, LogitsProcessorList
 
         args = self.args
-        # top_k / top_p are always off (PPOConfig refuses cuts), and said so: GenerationConfig's default is top_k 50.
-        config = GenerationConfig(max_new_tokens=args.response_length, min_new_tokens=0, do_sample=True,
-                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        # transformers fills what a config leaves unset from the model's generation_config, where a chat model
+        # may set a repetition penalty: it would reshape the sampled distribution (in greedy mode too) away from
+        # the one PPO's log-probabilities score, so the penalties are set off here.
+        config = GenerationConfig(max_new_tokens=args.response_length, min_new_tokens=0, do_sample=False,
+                                  repetition_penalty=1.0, no_repeat_ngram_size=0,
                                   eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                                   use_cache=True)
+        sampler = LogitsProcessorList([RowGumbelSampler(seeds, args.temperature)])
         with torch.no_grad(), self._autocast():
-            output = self.models.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            output = self.models.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                          logits_processor=sampler)
         answers = output[:, input_ids.shape[1]:]
         padding = args.response_length - answers.shape[1]
         return torch.nn.functional.pad(answers, (0, padding), value=self.tokenizer.pad_token_id)
@@ -331,13 +358,19 @@ class PPOTrainer:
         size = self.args.local_rollout_forward_batch_size
         return [slice(start, start + size) for start in range(0, rows, size)]
 
-    def _prompts_for(self, update: int) -> list[dict]:
-        """This process's prompts for ``update``: a seeded reshuffle of the data per pass, so a resumed run
-        sees exactly the prompts it would have seen, and processes take disjoint shares."""
-        count = len(self.train_prompts)
+    def _positions_for(self, update: int) -> list[int]:
+        """Positions in the run's stream of prompts of this process's block of ``update``'s global batch
+        (process k holds the k-th block, so the whole batch is the processes' blocks in order)."""
         global_batch = self.args.local_rollout_batch_size * self.world_size
         first = (update - 1) * global_batch
-        positions = range(first + self.state.process_index, first + global_batch, self.world_size)
+        with self.state.split_between_processes(list(range(first, first + global_batch))) as positions:
+            return positions
+
+    def _prompts_for(self, update: int) -> list[dict]:
+        """This process's prompts for ``update``: a seeded reshuffle of the data per pass, so a resumed run
+        sees exactly the prompts it would have seen, and processes take disjoint blocks."""
+        count = len(self.train_prompts)
+        positions = self._positions_for(update)
         orders: dict[int, list[int]] = {}
         indices = []
         for position in positions:
@@ -349,19 +382,26 @@ class PPOTrainer:
         return [self.train_prompts[i] for i in indices]
 
     def _rollout_stats(self, rollout: Rollout) -> dict[str, float]:
+        """Statistics of the whole batch (every process's rollouts): the same numbers in every process."""
         mask = rollout.mask
-        kl_per_answer = rollout.kl.sum(1)
+        scores, kl_per_answer = self._gather(rollout.scores), self._gather(rollout.kl.sum(1))
+        tokens = self._sum_across_processes(mask.sum()).clamp(min=1)
+        masked_sum = lambda values: self._sum_across_processes((values * mask).sum())  # noqa: E731
         stats = {
-            "reward": float(rollout.scores.mean()),
-            "reward_std": float(rollout.scores.std()) if len(rollout.scores) > 1 else 0.0,
+            "reward": float(scores.mean()),
+            "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
             "kl": float(kl_per_answer.mean()),
             "non_score_reward": float((-self.kl_coef * kl_per_answer).mean()),
-            "eos_rate": float(rollout.ends_with_eos.float().mean()),
-            "response_length": float(mask.sum(1).mean()),
-            "value/mean": float(core.masked_mean(rollout.values, mask)),
-            "advantage/mean": float(core.masked_mean(rollout.advantages, mask)),
+            "eos_rate": float(self._gather(rollout.ends_with_eos.float()).mean()),
+            "response_length": float(self._gather(mask.sum(1)).mean()),
+            "value/mean": float(masked_sum(rollout.values) / tokens),
+            "advantage/mean": float(masked_sum(rollout.advantages) / tokens),
         }
-        stats.update({f"reward/{name}": value for name, value in rollout.source_means.items()})
+        # Every process scored as many answers, so the mean of the processes' means is the batch's.
+        names = sorted(rollout.source_means)
+        means = self._sum_across_processes(torch.tensor([rollout.source_means[name] for name in names],
+                                                        dtype=torch.float64, device=self.device)) / self.world_size
+        stats.update({f"reward/{name}": float(value) for name, value in zip(names, means)})
         return stats
 
     # ---- bookkeeping -----------------------------------------------------------------------------------------
@@ -433,16 +473,16 @@ class PPOTrainer:
         return (strategy == "steps" and bool(args.save_steps) and update % int(args.save_steps) == 0
                 and update < self.updates)
 
-    def _average_gradients(self) -> None:
+    def _sum_gradients(self) -> None:
+        """Sum the gradients across processes: each process's loss is its share of the minibatch's mean."""
         if self.world_size == 1:
             return
         import torch.distributed as dist
 
         for parameter in self.parameters:  # every process reduces every tensor, in the same order
-            if parameter.grad is None:
+            if parameter.grad is None:  # no rows of this minibatch here, or a part the loss did not reach
                 parameter.grad = torch.zeros_like(parameter)
             dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
-            parameter.grad /= self.world_size
 
     def _clip_gradients(self) -> torch.Tensor:
         """Clip the gradient norm to ``max_grad_norm`` (0 or None: no clipping, as in transformers' Trainer);
@@ -450,15 +490,28 @@ class PPOTrainer:
         limit = self.args.max_grad_norm
         return torch.nn.utils.clip_grad_norm_(self.parameters, limit if limit and limit > 0 else float("inf"))
 
-    def _mean_across_processes(self, stats: dict[str, float]) -> dict[str, float]:
+    def _sum_across_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over every process (itself with one)."""
         if self.world_size == 1:
-            return stats
-        import torch.distributed as dist
+            return tensor
+        from accelerate.utils import reduce
 
-        keys = sorted(stats)
-        values = torch.tensor([stats[key] for key in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        return dict(zip(keys, (values / self.world_size).tolist()))
+        return reduce(tensor, reduction="sum")
+
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's ``tensor`` (same shape everywhere) concatenated in process order: the whole batch."""
+        if self.world_size == 1:
+            return tensor
+        from accelerate.utils import gather
+
+        return gather(tensor)
+
+    def _sum_stats(self, shares: dict[str, float]) -> dict[str, float]:
+        """A minibatch's statistics from every process's share of them (see ``_backward``)."""
+        keys = sorted(shares)
+        totals = self._sum_across_processes(torch.tensor([shares[key] for key in keys], dtype=torch.float64,
+                                                         device=self.device))
+        return dict(zip(keys, totals.tolist()))
 
     def _adapt_kl_coef(self, kl: float) -> None:
         """Ziegler et al. (2019): move the coefficient by at most 20% of its step towards the KL target."""
