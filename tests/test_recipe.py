@@ -556,7 +556,13 @@ def test_check_sources_accepts_the_demo_recipe() -> None:
     ],
 )
 def test_values_at_the_edge_of_their_range_are_accepted(overrides: list[str]) -> None:
-    load_recipe(DEMO_SFT, overrides)
+    resolved = load_recipe(DEMO_SFT, overrides).to_dict()
+    for override in overrides:  # each edge value is kept in the validated recipe, not dropped or refused
+        *sections, key = override.split("=", 1)[0].split(".")
+        section = resolved
+        for name in sections:
+            section = section[name]
+        assert key in section, override
 
 
 def test_every_range_rule_names_an_option_some_stage_has() -> None:

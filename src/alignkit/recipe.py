@@ -606,13 +606,13 @@ def check_output_dir(value: str | None, key: str = "train.output_dir") -> None:
     if value is None or not str(value).strip():
         raise RecipeError(f"{key} is empty: name a directory of its own, e.g. runs/my-run")
     path = Path(value).expanduser().resolve()
-    what = _shared_directory(path)
+    what = shared_directory(path)
     if what is not None:
         raise RecipeError(f"{key} '{value}' is {what} ({path}); alignkit writes into this directory and "
                           "--overwrite may empty it: name a directory of its own, e.g. runs/my-run")
 
 
-def _shared_directory(path: Path) -> str | None:
+def shared_directory(path: Path) -> str | None:
     """What ``path`` (resolved) is, if it is a directory that holds more than one run's files."""
     cwd = Path.cwd().resolve()
     if path == Path(path.anchor):

@@ -39,7 +39,7 @@ import yaml
 from alignkit import __version__
 from alignkit.distributed import is_main_process, world_size
 from alignkit.errors import AlignkitError, RunDirError
-from alignkit.recipe import Recipe
+from alignkit.recipe import Recipe, shared_directory
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,14 @@ def one_line(err: BaseException) -> str:
     return text if isinstance(err, AlignkitError) else f"{type(err).__name__}: {text}".rstrip(": ")
 
 
+def checkpoint_dirs(path: Path) -> list[Path]:
+    """The ``checkpoint-<step>`` directories in ``path``, complete or not, by step (oldest first); other names
+    (a user's ``checkpoint-old``) are not checkpoints and are never resumed from or rotated away."""
+    steps = [(int(match.group(1)), child) for child in path.glob("checkpoint-*")
+             if (match := _CHECKPOINT.match(child.name)) and child.is_dir()]
+    return [child for _, child in sorted(steps)]
+
+
 def last_checkpoint(path: Path, *, warn: bool = True) -> Path | None:
     """The complete, readable checkpoint with the highest step in ``path``, or None.
 
@@ -112,15 +120,13 @@ def last_checkpoint(path: Path, *, warn: bool = True) -> Path | None:
     weight / optimizer files is cut short (a full disk, a bad copy), is named in a warning and passed over for
     the one before: resuming from it would end in a raw deserialisation error.
     """
-    steps = sorted(((int(match.group(1)), child) for child in path.glob("checkpoint-*")
-                    if (match := _CHECKPOINT.match(child.name)) and (child / "trainer_state.json").is_file()),
-                   reverse=True)
-    for index, (_, checkpoint) in enumerate(steps):
+    steps = [child for child in reversed(checkpoint_dirs(path)) if (child / "trainer_state.json").is_file()]
+    for index, checkpoint in enumerate(steps):
         damage = checkpoint_damage(checkpoint)
         if damage is None:
             return checkpoint
         if warn:
-            earlier = steps[index + 1][1].name if index + 1 < len(steps) else None
+            earlier = steps[index + 1].name if index + 1 < len(steps) else None
             logger.warning("%s is damaged (%s); %s", checkpoint, damage,
                            f"resuming from {earlier} instead" if earlier else "no earlier checkpoint to resume from")
     return None
@@ -237,17 +243,14 @@ def _on_main(claim: Callable[[], tuple[RunLock | None, Path | None]]) -> tuple[R
 
 def refuse_precious_dir(path: Path, what: str) -> None:
     """A run dir is never the current directory, a directory above it, the home directory (or above it) or
-    ``/``: ``--overwrite`` would empty it, and a run would litter it. Checked before anything is written."""
+    ``/``: ``--overwrite`` would empty it, and a run would litter it. Checked before anything is written, with
+    the rule validation applies (``recipe.shared_directory``), for recipes built in code or older run dirs."""
     if str(path).strip() in ("", "."):
         raise RunDirError(f"{what} is empty or '.': give each run a directory of its own, e.g. runs/my-run")
     resolved = path.expanduser().resolve()
-    cwd, home = Path.cwd().resolve(), Path.home().resolve()
-    if resolved == Path(resolved.anchor) or resolved == home or resolved in home.parents:
-        raise RunDirError(f"{what} {path} is {resolved}: the root, the home directory or one above it; give the "
-                          "run a directory of its own, e.g. runs/my-run")
-    if resolved == cwd or resolved in cwd.parents:
-        raise RunDirError(f"{what} {path} is the current directory or one above it ({resolved}): give the run a "
-                          "directory of its own, e.g. runs/my-run")
+    if (kind := shared_directory(resolved)) is not None:
+        raise RunDirError(f"{what} {path} is {kind} ({resolved}): give the run a directory of its own, "
+                          "e.g. runs/my-run")
 
 
 def refuse_foreign_content(path: Path, what: str) -> None:

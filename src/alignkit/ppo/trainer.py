@@ -48,7 +48,7 @@ from alignkit.ppo import core
 from alignkit.ppo.config import PPOConfig
 from alignkit.ppo.models import POLICY, ActorCritic
 from alignkit.ppo.sampling import RowGumbelSampler, row_seeds
-from alignkit.runs import RunDir, last_checkpoint
+from alignkit.runs import RunDir, checkpoint_dirs, last_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -582,8 +582,7 @@ class PPOTrainer:
         limit = self.args.save_total_limit
         if not limit:
             return
-        checkpoints = sorted(self.run.path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in checkpoints[:-limit]:
+        for old in checkpoint_dirs(self.run.path)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
 
     def _resume(self) -> int:
