@@ -156,8 +156,12 @@ def test_optim_builds_transformers_choice_with_the_trainers_groups(tmp_path):
     assert optimizer.state[policy.model.layers[0].self_attn.q_proj.weight]["state1"].dtype == torch.uint8
     assert optimizer.state[policy.model.embed_tokens.weight]["state1"].dtype == torch.float32
 
-    default = _trainer(tmp_path / "default", *QUICK)  # transformers' default: fused torch AdamW
-    assert type(default.optimizer) is torch.optim.AdamW and default.optimizer.defaults["fused"]
+    # PPO's default optim is adamw_torch (unfused torch AdamW, as before PPO took the option), not transformers'
+    # adamw_torch_fused; a recipe that names the fused one gets it.
+    default = _trainer(tmp_path / "default", *QUICK)
+    assert type(default.optimizer) is torch.optim.AdamW and not default.optimizer.defaults["fused"]
+    fused = _trainer(tmp_path / "fused", *QUICK, "train.optim=adamw_torch_fused")
+    assert type(fused.optimizer) is torch.optim.AdamW and fused.optimizer.defaults["fused"]
 
 
 # ---- activation checkpointing ---------------------------------------------------------------------------------

@@ -36,10 +36,17 @@ def sft_args(run_dir: Path, steps: int, *extra: str) -> list[str]:
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
-    """The CLI as a user starts it, in the background; its stdout and stderr go to ``log``."""
+    """The CLI as a user starts it from a terminal, in the background; its stdout and stderr go to ``log``."""
     with log.open("w") as out:
         return subprocess.Popen([sys.executable, "-m", "alignkit", *args], cwd=REPO, stdout=out, stderr=out,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=answer_ctrl_c)
+
+
+def answer_ctrl_c() -> None:
+    """Give the child Ctrl-C's default action. A shell without job control starts background commands with SIGINT
+    ignored, and ignored signals are inherited: under a CI script run with ``&`` the test's SIGINT would reach a
+    run that never sees it (Python installs its KeyboardInterrupt handler only where SIGINT is not ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(path: Path, process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
