@@ -99,13 +99,10 @@ def test_two_process_ppo_with_a_reward_model_scores_its_own_rollouts_and_learns_
         noisy_sft_run, reward_model_run, scorer, tmp_path, monkeypatch):
     """Same global batch (1 x 16 and 2 x 8 prompts per update), same seed, 20 updates on the reward model.
 
-    Not comparable to the SFT test's 2%: each process samples its rollouts from its own seed (the trainer seeds
-    ``seed * processes + rank``), so the two runs see different answers from the first update on, and the curve
-    of one process differs from seed to seed by more than 2% (mean rollout reward over 20 updates, seeds 42, 43,
-    44: -2.12, -1.81, -1.97; two processes: -2.67, -2.35, -2.18). What is comparable is compared exactly: the
-    held-out reward before training (greedy answers scored across processes), the prompts of the first update,
-    and every score of every rollout; the curves within 0.75 (the largest pair gap seen, 0.55, plus margin)
-    and both runs learning, which two processes do not yet: see the xfail below."""
+    Each answer is sampled with noise of its own (seeded by the run's seed and the prompt's position), so the
+    two runs roll out the same answers; each process scores its own answers with the reward model, and every
+    recorded score must equal the one-process score of that answer. The held-out reward before training, the
+    prompts of the first update and the whole curve (rollout reward, losses, KL per update) are compared."""
     args = (DEMO_PPO, f"model.name_or_path={noisy_sft_run}", f"reward.sources=[{{model: {reward_model_run}}}]",
             "evaluate.max_samples=16", "train.max_steps=20", "train.save_strategy=no")
     one, two = tmp_path / "one", tmp_path / "two"
