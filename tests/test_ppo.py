@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, kill_when_written, run_cli
+from signal_rewards import ANSWER_LENGTH_REWARD
 
 from alignkit.errors import RecipeError
 from alignkit.recipe import load_recipe
@@ -23,9 +24,12 @@ QUICK = ("train.per_device_train_batch_size=8", "train.num_mini_batches=2", "tra
 
 
 def _trainer(tmp_path: Path, *overrides: str):
+    """An in-process PPO trainer from the bare base, rewarded by answer length: on every build of the demo model
+    its first rollout's scores differ, so an update has a gradient (see signal_rewards)."""
     from alignkit.stages.ppo import build_trainer
 
-    recipe = load_recipe(DEMO_PPO, [*FROM_BASE, *QUICK, f"train.output_dir={tmp_path}", *overrides])
+    recipe = load_recipe(DEMO_PPO, [*FROM_BASE, *QUICK, ANSWER_LENGTH_REWARD, f"train.output_dir={tmp_path}",
+                                    *overrides])
     tmp_path.mkdir(parents=True, exist_ok=True)
     return build_trainer(recipe, RunDir(path=tmp_path))
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, kill_when_written, run_cli
+from signal_rewards import ANSWER_LENGTH_REWARD
 from test_ppo import DEMO_PPO, FROM_BASE, QUICK
 
 from alignkit.errors import RecipeError
@@ -21,7 +22,10 @@ from alignkit.recipe import load_recipe
 from alignkit.runs import RunDir, last_checkpoint
 
 
-def _trainer(run_dir: Path, *overrides: str, recipe: str = DEMO_PPO, start: tuple[str, ...] = FROM_BASE):
+def _trainer(run_dir: Path, *overrides: str, recipe: str = DEMO_PPO,
+             start: tuple[str, ...] = (*FROM_BASE, ANSWER_LENGTH_REWARD)):
+    """An in-process PPO trainer; by default from the bare base, rewarded by answer length so that every build of
+    the demo model gives its first update a gradient (see signal_rewards)."""
     from alignkit.stages.ppo import build_trainer
 
     run_dir.mkdir(parents=True, exist_ok=True)
