@@ -43,10 +43,10 @@ def check_launch(recipe: Recipe) -> None:
     sharding = "FSDP" if distributed.uses_fsdp() else "DeepSpeed" if distributed.uses_deepspeed() else None
     if sharding is None:
         return
-    if recipe.stage == "ppo":
-        raise RecipeError(f"the accelerate config asks for {sharding}, but alignkit's PPO keeps a whole copy of its "
-                          "models on every process and averages gradients itself (DDP); launch it with "
-                          "accelerate_configs/ddp.yaml, with QLoRA for large models")
+    if not get_stage(recipe.stage).sharded_launch:
+        raise RecipeError(f"the accelerate config asks for {sharding}, but alignkit's {recipe.stage.upper()} keeps a "
+                          "whole copy of its models on every process and averages gradients itself (DDP); launch "
+                          "it with accelerate_configs/ddp.yaml, with QLoRA for large models")
     if not torch.cuda.is_available():
         # accelerate picks FSDP / ZeRO only for GPU-class devices; on CPUs it would quietly run plain DDP.
         raise RecipeError(f"the accelerate config asks for {sharding}, which accelerate runs on GPUs only and this "

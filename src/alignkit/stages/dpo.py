@@ -46,4 +46,6 @@ def check_train(train: dict) -> None:
 
 
 STAGE = Stage(name="dpo", help="Direct preference optimisation (TRL DPOTrainer)", train_config=lambda: DPOConfig,
-              run=run, check_train=check_train, rows="preference")
+              run=run, check_train=check_train, rows="preference",
+              load_data=partial(load_preference_data, kind="pairs"), sequences_per_row=2, extra_models="reference",
+              dropped_for_length="prompt")

@@ -39,4 +39,5 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict:
 
 
 STAGE = Stage(name="eval", help="Evaluate a model or run dir by generation (ROUGE, BLEU, chrF, exact match)",
-              train_config=lambda: EvalRunSettings, run=run, required_data=("eval",))
+              train_config=lambda: EvalRunSettings, run=run, required_data=("eval",),
+              load_data=load_sft_data, trains=False)

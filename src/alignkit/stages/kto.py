@@ -29,4 +29,6 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict:
 
 
 STAGE = Stage(name="kto", help="Kahneman-Tversky optimisation on unpaired feedback (TRL KTOTrainer)",
-              train_config=lambda: KTOConfig, run=run, rows="preference")
+              train_config=lambda: KTOConfig, run=run, rows="preference",
+              load_data=partial(load_preference_data, kind="unpaired"), extra_models="reference",
+              dropped_for_length="prompt")

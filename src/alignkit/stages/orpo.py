@@ -36,4 +36,5 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict:
 
 
 STAGE = Stage(name="orpo", help="Odds-ratio preference optimisation (trl.experimental ORPOTrainer)",
-              train_config=lambda: _orpo()[0], run=run, rows="preference")
+              train_config=lambda: _orpo()[0], run=run, rows="preference",
+              load_data=partial(load_preference_data, kind="pairs"), sequences_per_row=2)

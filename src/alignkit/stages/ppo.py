@@ -55,4 +55,6 @@ def build_trainer(recipe: Recipe, run_dir: RunDir) -> PPOTrainer:
 
 STAGE = Stage(name="ppo", help="PPO with a critic (alignkit's trainer): reward models and rule rewards",
               train_config=lambda: PPOConfig, run=run, sections={"reward": RewardSettings},
-              required_sections=("reward",), rows="prompt")
+              required_sections=("reward",), rows="prompt",
+              load_data=load_prompt_data, extra_models="critic_and_reference", sharded_launch=False,
+              plan_offers_qlora=False)

@@ -197,5 +197,5 @@ def _finish(recipe: Recipe, run_dir: RunDir, state: dict[str, Any]) -> dict[str,
 
 STAGE = Stage(name="rest", help="ReST / best-of-N: sample, keep the best answers, fine-tune (TRL SFTTrainer)",
               train_config=lambda: SFTConfig, run=run, sections={"reward": RewardSettings, "rest": RestSettings},
-              required_sections=("rest",), rows="prompt",
+              required_sections=("rest",), rows="prompt", load_data=load_prompt_data, fused_head=True,
               train_configs=lambda recipe: [("train", SFTConfig, improve_train(recipe.train))])

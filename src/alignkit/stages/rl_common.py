@@ -44,7 +44,7 @@ def make_stage(name: str, description: str, config_class: type, trainer_class: t
     return Stage(name=name, help=description, train_config=lambda: config_class,
                  run=partial(run, stage=name, config_class=config_class, trainer_class=trainer_class),
                  sections={"reward": RewardSettings}, required_sections=("reward",), check_train=check_train,
-                 rows="prompt")
+                 rows="prompt", load_data=load_prompt_data)
 
 
 def check_train(train: dict[str, Any]) -> None:

@@ -299,4 +299,5 @@ def _train_configs(recipe: Recipe) -> list[tuple[str, type, dict[str, Any]]]:
 STAGE = Stage(name="rlaif", help="RLAIF: an AI judge labels pairs of sampled answers, then DPO or a reward model "
               "(TRL DPOTrainer / RewardTrainer)", train_config=lambda: DPOConfig, train_config_of=_train_config,
               run=run, sections={"rlaif": RlaifSettings, "reward": RewardSettings}, required_sections=("rlaif",),
-              check_train=check_dpo_train, rows="prompt", train_configs=_train_configs)
+              check_train=check_dpo_train, rows="prompt", train_configs=_train_configs,
+              load_data=load_prompt_data)

@@ -68,4 +68,6 @@ def pair_accuracy(scorer: RewardModel, pairs) -> dict[str, float]:
 
 
 STAGE = Stage(name="rm", help="Reward modelling on preference pairs (TRL RewardTrainer)",
-              train_config=lambda: RewardConfig, run=run, rows="preference")
+              train_config=lambda: RewardConfig, run=run, rows="preference",
+              load_data=partial(load_preference_data, kind="pairs"), head="reward", sequences_per_row=2,
+              dropped_for_length="conversation")

@@ -28,4 +28,5 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict:
     return metrics
 
 
-STAGE = Stage(name="sft", help="Supervised fine-tuning (TRL SFTTrainer)", train_config=lambda: SFTConfig, run=run)
+STAGE = Stage(name="sft", help="Supervised fine-tuning (TRL SFTTrainer)", train_config=lambda: SFTConfig, run=run,
+              load_data=load_sft_data, fused_head=True, dropped_for_length="first_answer")
