@@ -17,7 +17,8 @@ import yaml
 from alignkit import memory, planner
 from alignkit.activations import trace_activations
 from alignkit.cli import main
-from alignkit.recipe import ModelSettings, load_recipe
+from alignkit.recipe import load_recipe
+from alignkit.settings import ModelSettings
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 LORA = {"method": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignkit import merge as merge_module
 from alignkit.modeling import base_settings_of_adapter, keep_4bit_layout_trainable, load_for_inference, load_model
-from alignkit.recipe import ModelSettings
+from alignkit.settings import ModelSettings
 
 
 def held_out_prompts(count: int = 24) -> list[str]:

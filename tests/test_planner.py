@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from alignkit.planner import count_parameters, meta_model, model_config, recipe_parameters
-from alignkit.recipe import ModelSettings, load_recipe
+from alignkit.recipe import load_recipe
+from alignkit.settings import ModelSettings
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 LORA_16 = {"method": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}

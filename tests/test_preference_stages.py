@@ -20,7 +20,8 @@ from alignkit.data import load_preference_data
 from alignkit.errors import RecipeError
 from alignkit.evaluation import evaluate_generations
 from alignkit.feedback import RewardModel, RewardModelJudge, win_rates
-from alignkit.recipe import ModelSettings, load_recipe
+from alignkit.recipe import load_recipe
+from alignkit.settings import ModelSettings
 from alignkit.stages.dpo import LOSS_TYPES
 
 NO_CHECKPOINTS = ("train.save_strategy=no", "train.eval_strategy=no")

@@ -17,16 +17,9 @@ from conftest import RECIPES, REPO, run_cli
 
 from alignkit.data import check_sources
 from alignkit.errors import DataError, RecipeError
-from alignkit.recipe import (
-    DataSettings,
-    DataSource,
-    EvaluateSettings,
-    QuantizationSettings,
-    Recipe,
-    apply_override,
-    load_recipe,
-)
+from alignkit.recipe import Recipe, apply_override, load_recipe
 from alignkit.schema import Raw
+from alignkit.settings import DataSettings, DataSource, EvaluateSettings, QuantizationSettings
 
 DEMO_SFT = RECIPES / "demo" / "sft.yaml"
 

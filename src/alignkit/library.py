@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from alignkit.errors import AlignkitError
+from alignkit.recipe import load_raw, load_recipe
 from alignkit.suggest import did_you_mean
 
 
@@ -51,8 +52,6 @@ def library_dir() -> Path:
 
 def shipped_recipes(root: Path | None = None) -> list[ShippedRecipe]:
     """Every recipe of the library (``_base`` parts left out), sorted by name."""
-    from alignkit.recipe import load_raw
-
     root = root or library_dir()
     found = []
     for path in sorted(root.rglob("*.yaml")):
@@ -79,8 +78,6 @@ def find(name: str, root: Path | None = None) -> ShippedRecipe:
 def copy_recipe(name: str, destination: Path, *, overwrite: bool = False, root: Path | None = None) -> Path:
     """Write the library recipe ``name`` to ``destination`` as one standalone file (its ``extends`` merged
     in, its header comments kept) and check that the copy validates. Returns the path written."""
-    from alignkit.recipe import load_raw, load_recipe
-
     recipe = find(name, root)
     destination = Path(destination)
     if destination.is_dir():

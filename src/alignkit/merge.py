@@ -25,8 +25,8 @@ import yaml
 
 from alignkit import __version__, modeling
 from alignkit.errors import AlignkitError
-from alignkit.recipe import ModelSettings, is_run_with_adapter
 from alignkit.runs import METRICS_FILE, RECIPE_FILE, refuse_precious_dir
+from alignkit.settings import ModelSettings, is_run_with_adapter
 from alignkit.stages import get_stage
 
 logger = logging.getLogger(__name__)

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignkit import activations, adapters, memory, modeling
+from alignkit import activations, adapters, memory, modeling, training
+from alignkit.data import sources
 from alignkit.errors import AlignkitError
-from alignkit.recipe import ModelSettings, Recipe, is_run_with_adapter
+from alignkit.recipe import Recipe, load_raw, load_recipe
+from alignkit.settings import ModelSettings, QuantizationSettings, is_future_run, is_run_with_adapter
 from alignkit.stages import get_stage
 
 logger = logging.getLogger(__name__)
@@ -114,8 +116,6 @@ def training_config(recipe: Recipe):
     activation checkpointing unless the recipe says otherwise), without touching a device."""
     import tempfile
 
-    from alignkit import training
-
     config_class = get_stage(recipe.stage).config_class(recipe.to_dict())
     values = dict(recipe.train)
     if "use_cpu" in {f.name for f in dataclasses.fields(config_class)}:
@@ -173,8 +173,6 @@ def as_planned(recipe: Recipe) -> Recipe:
     replaced by its base; with ``run_adapter: continue`` the run's adapter is the one trained. A run dir not
     written yet (a later step of a pipeline) is looked up among the recipes next to this one: the recipe that
     writes it says what its base and adapter will be."""
-    from alignkit.recipe import is_future_run
-
     name = recipe.model.name_or_path
     if not get_stage(recipe.stage).trains:
         raise AlignkitError(f"the {recipe.stage} stage trains nothing: plan the recipe that trains the model it "
@@ -214,8 +212,6 @@ def _run_adapter_section(path: Path) -> dict[str, Any]:
 
 def _recipe_writing(run_dir: str, recipe: Recipe) -> Recipe | None:
     """The recipe next to ``recipe`` whose ``train.output_dir`` is ``run_dir``."""
-    from alignkit.recipe import load_raw, load_recipe
-
     if recipe.source is None:
         return None
     for candidate in sorted(Path(recipe.source).parent.glob("*.yaml")):
@@ -310,8 +306,6 @@ def candidate_changes(recipe: Recipe, launch: memory.Launch, shape: memory.Shape
                               dataclasses.replace(recipe, adapter=lora), launch))
     stage = get_stage(recipe.stage)
     if recipe.model.quantization is None and stage.plan_offers_qlora or recipe.adapter["method"] == "none":
-        from alignkit.recipe import QuantizationSettings
-
         quantized = dataclasses.replace(recipe.model, quantization=QuantizationSettings(
             bits=4, quant_type="nf4", double_quant=True, compute_dtype="bfloat16"))
         adapter = dict(recipe.adapter, method="qlora") if recipe.adapter["method"] in ("lora", "qlora") else \
@@ -371,8 +365,6 @@ def _estimate_or_none(recipe: Recipe, launch: memory.Launch):
 
 def data_summary(recipe: Recipe, shape: memory.Shape, launch: memory.Launch) -> dict[str, Any] | None:
     """Training rows and optimizer steps when every training source is local (a file or demo data)."""
-    from alignkit.data import sources
-
     if not recipe.data.train or not all(sources.is_local(s.path) or sources.is_demo(s.path)
                                         for s in recipe.data.train):
         return None

@@ -14,8 +14,9 @@ from typing import Any
 from alignkit import adapters, distributed, modeling, reports
 from alignkit.data import PreparedData
 from alignkit.errors import DataError, RecipeError
-from alignkit.recipe import QUANTISED_FULL_FINE_TUNE, Recipe, is_run_with_adapter
+from alignkit.recipe import QUANTISED_FULL_FINE_TUNE, Recipe
 from alignkit.runs import RunDir, open_run_dir
+from alignkit.settings import is_run_with_adapter
 from alignkit.stages import get_stage
 
 logger = logging.getLogger(__name__)

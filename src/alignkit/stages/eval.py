@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from alignkit import modeling
 from alignkit.data import load_sft_data
 from alignkit.evaluation import evaluate_and_report
-from alignkit.recipe import EvaluateSettings, Recipe
+from alignkit.recipe import Recipe
 from alignkit.runs import RunDir
+from alignkit.settings import EvaluateSettings
 from alignkit.stages import Stage
 
 

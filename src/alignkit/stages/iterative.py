@@ -21,9 +21,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from alignkit import distributed, modeling
-from alignkit.recipe import GenerationSettings, ModelSettings, Recipe
+from alignkit import distributed, generation, modeling
+from alignkit.recipe import Recipe
 from alignkit.runs import RunDir
+from alignkit.settings import GenerationSettings, ModelSettings
 from alignkit.stages.rl_common import eval_generation
 
 logger = logging.getLogger(__name__)
@@ -52,12 +53,10 @@ def sample_answers(settings: ModelSettings, rows, repeats: int,
                    generation: GenerationSettings) -> tuple[list, list[str], dict[str, list]]:
     """``repeats`` sampled answers to each prompt of ``rows`` (prompt-only rows) from the model ``settings``
     describe: (prompts, answers, other columns), each prompt repeated ``repeats`` times in a row."""
-    from alignkit.generation import generate
-
     prompts = [prompt for prompt in rows["prompt"] for _ in range(repeats)]
     columns = {name: [value for value in values for _ in range(repeats)] for name, values in columns_of(rows).items()}
     model, tokenizer = modeling.load_for_inference(settings)
-    answers = generate(model, tokenizer, prompts, generation)
+    answers = generation.generate(model, tokenizer, prompts, generation)
     del model
     return prompts, answers, columns
 
@@ -66,12 +65,10 @@ def held_out_mean_reward(model, tokenizer, rows, reward, recipe: Recipe, max_new
     """Mean ``reward(prompts, answers, columns)`` of ``model``'s answers to the held-out prompt ``rows``,
     generated as ``evaluate.generation`` says (else greedily, up to ``max_new_tokens``); None without rows or
     without a reward."""
-    from alignkit.generation import generate
-
     if rows is None or len(rows) == 0 or reward is None:
         return None
     prompts = list(rows["prompt"])
-    answers = generate(model, tokenizer, prompts, eval_generation(recipe, max_new_tokens))
+    answers = generation.generate(model, tokenizer, prompts, eval_generation(recipe, max_new_tokens))
     return mean(reward(prompts, answers, columns_of(rows)))
 
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from alignkit import training
 from alignkit.data import load_prompt_data
+from alignkit.feedback.rewards import load_reward_functions, weighted_reward
 from alignkit.ppo.config import PPOConfig
 from alignkit.ppo.models import build_actor_critic
 from alignkit.ppo.trainer import PPOTrainer, checkpoint_to_resume
 from alignkit.recipe import Recipe
-from alignkit.rewards import RewardSettings, load_reward_functions, weighted_reward
 from alignkit.runs import RunDir
+from alignkit.settings import RewardSettings
 from alignkit.stages import Stage
 from alignkit.stages.rl_common import eval_generation, held_out_prompts
 

@@ -31,11 +31,13 @@ from trl import SFTConfig, SFTTrainer
 from alignkit import modeling, training
 from alignkit.data import load_prompt_data, load_sft_data
 from alignkit.errors import RecipeError
-from alignkit.feedback import LazyJudge
-from alignkit.recipe import DataSettings, DataSource, Recipe
+from alignkit.feedback import LazyJudge, round_robin_scores
+from alignkit.feedback.rewards import monitoring_reward
+from alignkit.recipe import Recipe
+from alignkit.reports import write_history
 from alignkit.rest import RestSettings, Sample, keep_samples
-from alignkit.rewards import RewardSettings, monitoring_reward
 from alignkit.runs import RunDir, last_checkpoint
+from alignkit.settings import DataSettings, DataSource, RewardSettings
 from alignkit.stages import Stage
 from alignkit.stages.iterative import (
     adopt_final_model,
@@ -92,8 +94,6 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
 def _judge_scorer(settings: RestSettings):
     """``score(prompts, answers, columns)`` from ``rest.judge``: each sample's mean preference over its prompt's
     other samples. The judge loads on first use (a resumed run whose samples are scored never loads it)."""
-    from alignkit.feedback import round_robin_scores
-
     judge = LazyJudge(settings.judge)
 
     def score(prompts: list, answers: list[str], columns: dict[str, list]) -> list[float]:
@@ -172,8 +172,6 @@ def improve_train(train: dict[str, Any]) -> dict[str, Any]:
 # ---- state, resume and results ------------------------------------------------------------------------------
 
 def _finish(recipe: Recipe, run_dir: RunDir, state: dict[str, Any]) -> dict[str, Any]:
-    from alignkit.reports import write_history
-
     history = state["history"]
     if state["policy"] is None:
         raise RecipeError("rest: no improve step kept any sample, so nothing was trained; lower rest.thresholds "

@@ -28,12 +28,13 @@ import logging
 from functools import partial
 from typing import Any
 
-from alignkit import training
+from alignkit import generation, training
 from alignkit.data import PreparedData, load_prompt_data
 from alignkit.errors import RecipeError
-from alignkit.recipe import GenerationSettings, Recipe
-from alignkit.rewards import RewardFunction, RewardSettings, load_reward_functions, shared_reward
+from alignkit.feedback.rewards import RewardFunction, load_reward_functions, shared_reward
+from alignkit.recipe import Recipe
 from alignkit.runs import RunDir
+from alignkit.settings import GenerationSettings, RewardSettings
 from alignkit.stages import Stage
 
 logger = logging.getLogger(__name__)
@@ -105,13 +106,11 @@ def held_out_reward(model, tokenizer, dataset, args, *, recipe: Recipe, function
                     weights: list[float]) -> float | None:
     """Mean weighted reward of ``model``'s answers to the held-out prompts; None without held-out data. Every
     process holds the same prompts and (gathered) answers, so each scores its share of them."""
-    from alignkit.generation import generate
-
     rows = held_out_prompts(dataset, recipe)
     if rows is None or len(rows) == 0:
         return None
     prompts = list(rows["prompt"])
-    completions = generate(model, tokenizer, prompts, eval_generation(recipe, args.max_completion_length))
+    completions = generation.generate(model, tokenizer, prompts, eval_generation(recipe, args.max_completion_length))
     columns = {name: list(rows[name]) for name in rows.column_names if name != "prompt"}
     rewards = shared_reward(functions, weights)(prompts, completions, columns)
     return sum(rewards) / len(rewards)

@@ -47,11 +47,13 @@ from alignkit.data import load_preference_data, load_prompt_data, load_sft_data
 from alignkit.errors import RecipeError
 from alignkit.feedback import LazyJudge
 from alignkit.feedback.revision import Revision, RevisionSettings, critique_and_revise
+from alignkit.feedback.rewards import monitoring_reward
 from alignkit.generation import generate
-from alignkit.recipe import DataSettings, DataSource, ModelSettings, Recipe
-from alignkit.rewards import RewardSettings, monitoring_reward
+from alignkit.recipe import Recipe
+from alignkit.reports import write_history
 from alignkit.rlaif import Pair, RlaifSettings, confident_pairs, label_agreement, make_pairs, preference_row
 from alignkit.runs import RunDir, last_checkpoint
+from alignkit.settings import DataSettings, DataSource, ModelSettings, RewardSettings
 from alignkit.stages import Stage
 from alignkit.stages.dpo import check_train as check_dpo_train
 from alignkit.stages.iterative import (
@@ -237,8 +239,6 @@ def _revise(recipe: Recipe, revision: RevisionSettings, run_dir: RunDir, prompts
 # ---- results ------------------------------------------------------------------------------------------------
 
 def _finish(run_dir: RunDir, state: dict[str, Any]) -> dict[str, Any]:
-    from alignkit.reports import write_history
-
     history = [entry for entry in state["history"] if entry["iteration"] > 0]  # not the revision step
     if state["policy"] is None:
         raise RecipeError("rlaif: the judge decided no pair confidently enough in any iteration, so nothing was "

@@ -16,8 +16,9 @@ from alignkit import training
 from alignkit.data import load_preference_data
 from alignkit.errors import RecipeError
 from alignkit.feedback import RewardModel
-from alignkit.recipe import Recipe, is_run_with_adapter
+from alignkit.recipe import Recipe
 from alignkit.runs import RunDir
+from alignkit.settings import is_run_with_adapter
 from alignkit.stages import Stage
 
 
