@@ -53,20 +53,25 @@ def import_graph() -> tuple[dict[str, set[str]], list[tuple[str, int]]]:
         for node in ast.walk(tree):
             if not isinstance(node, (ast.Import, ast.ImportFrom)):
                 continue
+            # A module inside a package that imports its own package (``from alignkit.stages.ppo import core``
+            # in stages/ppo/trainer.py) only reaches a package that is already being imported.
             targets = {module_of(target) for target in _imported_names(node, package)
-                       if target.split(".")[0] == "alignkit"} - {None, name}
+                       if target.split(".")[0] == "alignkit"} - {None, name, *_ancestors(name)}
             if not targets:
                 continue
             for target in targets:
                 graph[name].add(target)
-                ancestor = target.rpartition(".")[0]
-                while ancestor and ancestor != "alignkit":  # packages run on the way, unless the importer is in it
-                    if not (name + ".").startswith(ancestor + "."):
-                        graph[name].add(ancestor)
-                    ancestor = ancestor.rpartition(".")[0]
+                # Packages run on the way to the target, unless the importer is inside them.
+                graph[name] |= set(_ancestors(target)) - set(_ancestors(name))
             if id(node) in inside_functions:
                 in_functions.append((name, node.lineno))
     return graph, in_functions
+
+
+def _ancestors(module: str) -> list[str]:
+    """The packages above ``module``, below ``alignkit`` itself (whose ``__init__`` imports nothing)."""
+    parts = module.split(".")
+    return [".".join(parts[:end]) for end in range(2, len(parts))]
 
 
 def _function_imports(tree: ast.Module) -> list[ast.stmt]:

@@ -16,9 +16,9 @@ from conftest import REPO, kill_when_written, run_cli
 from test_ppo import DEMO_PPO, FROM_BASE, QUICK
 
 from alignkit.errors import RecipeError
-from alignkit.ppo.config import PPOConfig, unhonoured_options
 from alignkit.recipe import load_recipe
 from alignkit.runs import RunDir, last_checkpoint
+from alignkit.stages.ppo.config import PPOConfig, unhonoured_options
 
 
 def _trainer(run_dir: Path, *overrides: str, recipe: str = DEMO_PPO, start: tuple[str, ...] = FROM_BASE):
@@ -250,7 +250,7 @@ def test_killed_run_continues_from_the_checkpoint_named_by_resume_from_checkpoin
 
     # true: the run dir's last complete checkpoint.
     args = PPOConfig(output_dir=str(first), resume_from_checkpoint=True)
-    from alignkit.ppo.trainer import checkpoint_to_resume
+    from alignkit.stages.ppo.trainer import checkpoint_to_resume
 
     assert checkpoint_to_resume(args, RunDir(path=first)) == checkpoint
 
@@ -268,7 +268,7 @@ def test_killed_run_continues_from_the_checkpoint_named_by_resume_from_checkpoin
 
 
 def test_resume_from_checkpoint_names_what_is_missing(tmp_path):
-    from alignkit.ppo.trainer import checkpoint_to_resume
+    from alignkit.stages.ppo.trainer import checkpoint_to_resume
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -22,7 +22,7 @@ from alignkit.evaluation import evaluate_generations
 from alignkit.feedback import RewardModel, RewardModelJudge, win_rates
 from alignkit.recipe import load_recipe
 from alignkit.settings import ModelSettings
-from alignkit.stages.dpo import LOSS_TYPES
+from alignkit.stages.preference import LOSS_TYPES
 
 NO_CHECKPOINTS = ("train.save_strategy=no", "train.eval_strategy=no")
 

@@ -12,7 +12,7 @@ from alignkit.demo.rewards import reversal_reward
 from alignkit.errors import RecipeError
 from alignkit.feedback import round_robin_scores
 from alignkit.recipe import load_recipe
-from alignkit.rest import RestSettings, Sample, keep_samples
+from alignkit.stages.rest.selection import RestSettings, Sample, keep_samples
 
 DEMO_REST = str(REPO / "recipes/demo/rest.yaml")
 PROMPT = [{"role": "user", "content": "reverse: a b"}]

@@ -87,24 +87,36 @@ def read_jsonl(path: Path) -> list[Any]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def save_loop_state(run_dir: RunDir, step: int, state: dict[str, Any], log_file: str) -> None:
-    """Record step ``step``: its log entry (``state['history'][-1]``) appended to ``log_file``, then
+@dataclasses.dataclass
+class LoopState:
+    """Where the loop of an iterative stage (rest, rlaif) stands after a complete step; saved as
+    ``checkpoint-<step>/trainer_state.json``, from which an interrupted run resumes."""
+
+    completed: int = 0  # steps complete: ReST's improve steps, RLAIF's iterations (0: only its revision step)
+    policy: str | None = None  # run dir of the current policy; None: the recipe's model, untrained
+    eval_reward_start: float | None = None  # held-out reward before the first step (None: no held-out data)
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # each step's log entry, in order
+
+
+def save_loop_state(run_dir: RunDir, step: int, state: LoopState, log_file: str) -> None:
+    """Record step ``step``: its log entry (``state.history[-1]``) appended to ``log_file``, then
     ``checkpoint-<step>/trainer_state.json``, written last because it marks the step complete."""
     if distributed.is_main_process():
         with (run_dir.path / log_file).open("a") as log:
-            log.write(json.dumps(state["history"][-1]) + "\n")
-    distributed.write_text(run_dir.path / f"checkpoint-{step}" / STATE_FILE, json.dumps(state, indent=1))
+            log.write(json.dumps(state.history[-1]) + "\n")
+    distributed.write_text(run_dir.path / f"checkpoint-{step}" / STATE_FILE,
+                           json.dumps(dataclasses.asdict(state), indent=1))
 
 
-def load_loop_state(run_dir: RunDir, log_file: str, stage: str, step_name: str) -> dict[str, Any] | None:
+def load_loop_state(run_dir: RunDir, log_file: str, stage: str, step_name: str) -> LoopState | None:
     """The state of the last complete step of an interrupted run (None for a new run), logged as "<stage>:
     resuming after <step_name> <k>"; the step log is rewritten to hold exactly the steps the resumed run
     stands on."""
     if run_dir.resume_from is None:
         return None
-    state = json.loads((run_dir.resume_from / STATE_FILE).read_text())
-    logger.info("%s: resuming after %s %d", stage, step_name, state["completed"])
-    distributed.write_text(run_dir.path / log_file, "".join(json.dumps(entry) + "\n" for entry in state["history"]))
+    state = LoopState(**json.loads((run_dir.resume_from / STATE_FILE).read_text()))
+    logger.info("%s: resuming after %s %d", stage, step_name, state.completed)
+    distributed.write_text(run_dir.path / log_file, "".join(json.dumps(entry) + "\n" for entry in state.history))
     return state
 
 

@@ -14,12 +14,11 @@ from trl import RewardConfig, RewardTrainer
 
 from alignkit import training
 from alignkit.data import load_preference_data
-from alignkit.errors import RecipeError
 from alignkit.feedback import RewardModel
 from alignkit.recipe import Recipe
 from alignkit.runs import RunDir
-from alignkit.settings import is_run_with_adapter
 from alignkit.stages import Stage
+from alignkit.stages.preference import check_starts_new_head
 
 
 def run(recipe: Recipe, run_dir: RunDir) -> dict:
@@ -43,14 +42,6 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict:
     if fitted.data.eval is None:
         return fitted.metrics
     return fitted.metrics | held_out_accuracy(fitted.trainer, fitted.tokenizer, fitted.data.eval)
-
-
-def check_starts_new_head(recipe: Recipe, who: str) -> None:
-    """A reward model starts a new reward head: a language-model adapter has none to continue, so a run dir
-    with an adapter must be merged into its base (RecipeError otherwise, naming ``who``)."""
-    if is_run_with_adapter(recipe.model.name_or_path) and recipe.model.run_adapter == "continue":
-        raise RecipeError(f"{who} starts a new reward head: to start from a run dir with an adapter, set "
-                          "model.run_adapter: merge (and give the reward model its own adapter section)")
 
 
 def pair_accuracy(scorer: RewardModel, pairs) -> dict[str, float]:

@@ -16,6 +16,9 @@ improve step, and inside an improve step from the SFT trainer's last checkpoint.
 metrics.json: ``rest/eval_reward_start`` and ``rest/eval_reward_end`` (greedy answers to the held-out
 prompts, before and after), ``rest/sample_reward_start`` and ``_end`` (mean reward of the first and last
 grow steps' samples), ``rest/kept_fraction_end``; every improve step's figures are in ``rest_log.jsonl``.
+
+The ``rest:`` section and the sample filters are in ``selection``; what ReST shares with RLAIF (sampling,
+loop state and resume) in :mod:`alignkit.stages.iterative`.
 """
 
 from __future__ import annotations
@@ -35,11 +38,11 @@ from alignkit.feedback import LazyJudge, round_robin_scores
 from alignkit.feedback.rewards import monitoring_reward
 from alignkit.recipe import Recipe
 from alignkit.reports import write_history
-from alignkit.rest import RestSettings, Sample, keep_samples
 from alignkit.runs import RunDir, last_checkpoint
 from alignkit.settings import DataSettings, DataSource, RewardSettings
 from alignkit.stages import Stage
 from alignkit.stages.iterative import (
+    LoopState,
     adopt_final_model,
     draw_prompts,
     held_out_mean_reward,
@@ -51,6 +54,7 @@ from alignkit.stages.iterative import (
     save_loop_state,
     write_jsonl,
 )
+from alignkit.stages.rest.selection import RestSettings, Sample, keep_samples
 from alignkit.stages.rl_common import held_out_prompts
 
 logger = logging.getLogger(__name__)
@@ -73,20 +77,20 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     state = load_loop_state(run_dir, LOG_FILE, "rest", "improve step")
     if state is None:
         model, tokenizer = modeling.load_for_inference(recipe.model)
-        state = {"completed": 0, "policy": None, "eval_reward_start": held_out_reward(model, tokenizer), "history": []}
+        state = LoopState(eval_reward_start=held_out_reward(model, tokenizer))
         del model
-    step = state["completed"]
+    step = state.completed
     for grow in range(1, settings.grow_steps + 1):
         if grow * settings.improve_steps <= step:
             continue  # this grow step and all its improve steps were done before an interruption
-        samples = _grow(recipe, settings, run_dir, grow, state["policy"], data.train, score)
+        samples = _grow(recipe, settings, run_dir, grow, state.policy, data.train, score)
         for improve in range(1, settings.improve_steps + 1):
             if step >= (grow - 1) * settings.improve_steps + improve:
                 continue
             step += 1
-            entry, policy = _improve(recipe, settings, run_dir, step, grow, improve, samples, state["policy"],
+            entry, policy = _improve(recipe, settings, run_dir, step, grow, improve, samples, state.policy,
                                      held_out_reward)
-            state = {**state, "completed": step, "policy": policy, "history": [*state["history"], entry]}
+            state = dataclasses.replace(state, completed=step, policy=policy, history=[*state.history, entry])
             save_loop_state(run_dir, step, state, LOG_FILE)
     return _finish(recipe, run_dir, state)
 
@@ -171,15 +175,15 @@ def improve_train(train: dict[str, Any]) -> dict[str, Any]:
 
 # ---- state, resume and results ------------------------------------------------------------------------------
 
-def _finish(recipe: Recipe, run_dir: RunDir, state: dict[str, Any]) -> dict[str, Any]:
-    history = state["history"]
-    if state["policy"] is None:
+def _finish(recipe: Recipe, run_dir: RunDir, state: LoopState) -> dict[str, Any]:
+    history = state.history
+    if state.policy is None:
         raise RecipeError("rest: no improve step kept any sample, so nothing was trained; lower rest.thresholds "
                           "(or rest.min_reward) or sample more (rest.samples_per_prompt)")
-    adopt_final_model(run_dir, Path(state["policy"]), keep_out=(KEPT_FILE,))
+    adopt_final_model(run_dir, Path(state.policy), keep_out=(KEPT_FILE,))
     evaluated = [e for e in history if e.get("eval_reward") is not None]
     # The report's curves: per improve step, the mean sample reward and the held-out reward (also before step 1).
-    start = [{"step": 0, "eval_reward": state["eval_reward_start"]}] if state["eval_reward_start"] is not None else []
+    start = [{"step": 0, "eval_reward": state.eval_reward_start}] if state.eval_reward_start is not None else []
     write_history(run_dir.path, [*start, *history])
     metrics: dict[str, Any] = {
         "rest/improve_steps": len(history),
@@ -187,8 +191,8 @@ def _finish(recipe: Recipe, run_dir: RunDir, state: dict[str, Any]) -> dict[str,
         "rest/sample_reward_end": history[-1]["sample_reward"],
         "rest/kept_fraction_end": history[-1]["kept_fraction"],
     }
-    if state["eval_reward_start"] is not None and evaluated:
-        metrics["rest/eval_reward_start"] = state["eval_reward_start"]
+    if state.eval_reward_start is not None and evaluated:
+        metrics["rest/eval_reward_start"] = state.eval_reward_start
         metrics["rest/eval_reward_end"] = evaluated[-1]["eval_reward"]
     return metrics
 

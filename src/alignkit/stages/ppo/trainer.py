@@ -3,7 +3,7 @@
 One PPO update:
   1. Rollout: a batch of prompts, one sampled answer each (policy, ``temperature``), cut after the first EOS.
      Each answer's randomness is its own, seeded by the run's seed and the prompt's position in the run
-     (:mod:`alignkit.ppo.sampling`).
+     (:mod:`alignkit.stages.ppo.sampling`).
   2. No-grad forwards: the policy's and the reference's log-probabilities of the answer tokens (logits
      divided by the same temperature) and the critic's values.
   3. Rewards: the reward sources score each answer; answers without EOS lose ``missing_eos_penalty``; the
@@ -25,7 +25,7 @@ the whole batch, the minibatches are drawn from the whole batch (each process tr
 losses are divided by the minibatch's token count over all processes and the gradients summed across them,
 and the logged statistics are those of the whole batch. With the per-answer sampling above, a run on N
 processes follows the 1-process run at the same global batch up to float rounding (tested). The arithmetic
-lives in :mod:`alignkit.ppo.core`.
+lives in :mod:`alignkit.stages.ppo.core`.
 """
 
 from __future__ import annotations
@@ -46,12 +46,12 @@ import torch
 from alignkit import generation
 from alignkit.errors import RecipeError
 from alignkit.modeling import is_quantized
-from alignkit.ppo import core
-from alignkit.ppo.config import PPOConfig
-from alignkit.ppo.models import POLICY, ActorCritic
-from alignkit.ppo.sampling import RowGumbelSampler, row_seeds
 from alignkit.reports import write_history
 from alignkit.runs import RunDir, checkpoint_dirs, last_checkpoint
+from alignkit.stages.ppo import core
+from alignkit.stages.ppo.config import PPOConfig
+from alignkit.stages.ppo.models import POLICY, ActorCritic
+from alignkit.stages.ppo.sampling import RowGumbelSampler, row_seeds
 
 logger = logging.getLogger(__name__)
 
