@@ -120,8 +120,8 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_imports_at_module_and_function_level_and_packages_on_the_way():
     graph, _ = import_graph()
-    assert "alignkit.stages" in graph["alignkit.planner"]  # from alignkit.stages import get_stage
-    assert {"alignkit.settings.judge_text", "alignkit.settings"} <= graph["alignkit.demo.tasks"]
+    assert "alignkit.stages" in graph["alignkit.plan.planner"]  # from alignkit.stages import get_stage
+    assert {"alignkit.recipe.settings.judge_text", "alignkit.recipe.settings"} <= graph["alignkit.demo.tasks"]
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert circles({"a": {"b"}, "b": set()}) == []
 
@@ -143,6 +143,6 @@ def test_settings_import_nothing_of_alignkits_behaviour():
     # The settings may read the metric names (alignkit.metrics loads a metric's code only when it scores).
     allowed_outside = {"alignkit.errors", "alignkit.suggest", "alignkit.metrics"}
     for module, targets in graph.items():
-        if module == "alignkit.settings" or module.startswith("alignkit.settings."):
-            outside = {t for t in targets if not t.startswith("alignkit.settings")} - allowed_outside
+        if module == "alignkit.recipe.settings" or module.startswith("alignkit.recipe.settings."):
+            outside = {t for t in targets if not t.startswith("alignkit.recipe.settings")} - allowed_outside
             assert outside == set(), module

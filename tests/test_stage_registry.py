@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignkit import planner, stages
+from alignkit import stages
 from alignkit.cli import build_parser, main
 from alignkit.data import load_sft_data
 from alignkit.errors import RecipeError
-from alignkit.memory import Launch, Shape
-from alignkit.recipe import load_recipe
+from alignkit.plan import planner
+from alignkit.plan.memory import Launch, Shape
+from alignkit.recipe.loading import load_recipe
 
 ROOT = Path(__file__).parents[1]
 DEMO_SFT = ROOT / "recipes" / "demo" / "sft.yaml"

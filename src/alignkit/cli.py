@@ -19,18 +19,19 @@ import sys
 
 import yaml
 
-from alignkit import __version__, distributed, merge, training
+from alignkit import __version__, distributed
 from alignkit.data import check_sources
 from alignkit.demo.build import demo_model_dir
 from alignkit.demo.tasks import DEMO_DATASETS
 from alignkit.errors import AlignkitError
-from alignkit.library import copy_recipe, shipped_recipes
+from alignkit.models import merge
 from alignkit.pipeline import is_pipeline, load_pipeline, run_pipeline
-from alignkit.plan_report import run_plan
-from alignkit.recipe import load_recipe
-from alignkit.reports import before_and_after
+from alignkit.plan.report import run_plan
+from alignkit.recipe.library import copy_recipe, shipped_recipes
+from alignkit.recipe.loading import load_recipe
+from alignkit.runs.reports import before_and_after
 from alignkit.scoring import bad_line_report, score_file
-from alignkit.stages import STAGES
+from alignkit.stages import STAGES, training
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,17 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alignkit import distributed, modeling
+from alignkit import distributed
 from alignkit.feedback import LazyJudge, win_rates
 from alignkit.feedback.rewards import monitoring_reward
 from alignkit.generation import generate
 from alignkit.metrics import compute
-from alignkit.recipe import Recipe
-from alignkit.reports import EVALUATION_FILE
-from alignkit.settings import EvaluateSettings, ModelSettings
+from alignkit.models import modeling
+from alignkit.recipe.loading import Recipe
+from alignkit.recipe.settings import EvaluateSettings, ModelSettings
+from alignkit.runs.reports import EVALUATION_FILE
 
 if TYPE_CHECKING:
-    from alignkit.training import Fitted
+    from alignkit.stages.training import Fitted
 
 COMPARE_BASE = "base"
 

@@ -13,7 +13,7 @@ and a ``recipe`` (a file, relative to the pipeline file, or a recipe written inl
 
 Every step is validated before the first one starts. Running a pipeline again skips the steps whose run
 dir is complete and resumes an interrupted one from its last checkpoint (the run dir rules of
-``alignkit.runs``), so a killed or preempted pipeline is continued by running the same command.
+``alignkit.runs.rundir``), so a killed or preempted pipeline is continued by running the same command.
 Command-line overrides address a step by name: ``sft.train.max_steps=100``.
 """
 
@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignkit import distributed, reports, training
+from alignkit import distributed
 from alignkit.errors import RecipeError, RunDirError
-from alignkit.recipe import Recipe, apply_override, check_output_dir, deep_merge, load_raw, validate
-from alignkit.runs import METRICS_FILE, RECIPE_FILE, RUN_FILE, diff_keys, locked
+from alignkit.recipe.loading import Recipe, apply_override, check_output_dir, deep_merge, load_raw, validate
+from alignkit.runs import reports
+from alignkit.runs.rundir import METRICS_FILE, RECIPE_FILE, RUN_FILE, diff_keys, locked
+from alignkit.stages import training
 from alignkit.suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -188,7 +190,7 @@ def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, resume: bool = 
 
     The pipeline's output dir is locked for the whole pipeline, and each step's run dir while the step runs
     (a second pipeline or run into either is refused). ``overwrite`` replaces the steps' previous runs, never
-    a directory that holds no alignkit run (see :mod:`alignkit.runs`).
+    a directory that holds no alignkit run (see :mod:`alignkit.runs.rundir`).
     """
     _refuse_foreign_report(pipeline.output_dir)
     with locked(pipeline.output_dir, "the pipeline's output_dir"):

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from alignkit.data import formats, sources
 from alignkit.errors import DataError
-from alignkit.settings import DataSettings, DataSource
+from alignkit.recipe.settings import DataSettings, DataSource
 from alignkit.suggest import did_you_mean
 
 logger = logging.getLogger(__name__)

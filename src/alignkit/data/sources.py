@@ -9,7 +9,7 @@ from pathlib import Path
 
 from alignkit.demo.tasks import DEMO_DATASETS, DEMO_SPLITS
 from alignkit.errors import DataError
-from alignkit.settings import DataSource
+from alignkit.recipe.settings import DataSource
 from alignkit.suggest import nearest
 
 DEMO_PREFIX = "demo:"

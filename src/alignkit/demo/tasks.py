@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from alignkit.demo.rewards import REVERSE_INSTRUCTION, completion_words, reversal_answer
-from alignkit.settings.judge_text import answer_instruction, judge_question
+from alignkit.recipe.settings.judge_text import answer_instruction, judge_question
 
 T = TypeVar("T")
 
@@ -239,7 +239,7 @@ def reverse_prompts(split: str) -> list[dict]:
 
 # The demo judge (issue 6): the tiny model fine-tuned to answer "which answer reverses the words, 1 or 2?",
 # an LLM judge that runs on a CPU. Its questions are built by the same code the LLMJudge asks with
-# (alignkit.settings.judge_text), so it is trained on exactly what it is later asked. The short template and
+# (alignkit.recipe.settings.judge_text), so it is trained on exactly what it is later asked. The short template and
 # constitution are the demo's own (the default template costs the demo tokenizer, which spells English
 # letter by letter, twice the tokens); a recipe using the judge must give the same text, with
 # chain_of_thought on (the judge checks each answer before it names one, see judge_rationale).

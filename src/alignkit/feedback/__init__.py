@@ -19,7 +19,7 @@ used and shares its work out across the processes of a multi-process launch.
 Modules: ``base`` (protocol, stats, win rates), ``rewards`` (a ``reward:`` section's sources as TRL reward
 functions), ``reward_model``, ``llm``, ``rule``, ``loading`` (``load_judge``, ``LazyJudge``), ``revision``
 (critique and revise). The settings a recipe writes (``JudgeSettings``, ``RewardSettings``) and the LLM
-judge's question text live in :mod:`alignkit.settings`, which imports nothing from here. Models and torch
+judge's question text live in :mod:`alignkit.recipe.settings`, which imports nothing from here. Models and torch
 load only when a judge or reward model is used, so importing this package stays cheap.
 """
 
@@ -28,8 +28,8 @@ from alignkit.feedback.llm import LLMJudge, option_tokens
 from alignkit.feedback.loading import LazyJudge, load_judge
 from alignkit.feedback.reward_model import RewardModel, RewardModelJudge
 from alignkit.feedback.rule import RuleJudge
-from alignkit.settings.judge import JudgeSettings
-from alignkit.settings.judge_text import DEFAULT_CONSTITUTION, DEFAULT_TEMPLATE, judge_question
+from alignkit.recipe.settings.judge import JudgeSettings
+from alignkit.recipe.settings.judge_text import DEFAULT_CONSTITUTION, DEFAULT_TEMPLATE, judge_question
 
 __all__ = [
     "DEFAULT_CONSTITUTION",

@@ -1,6 +1,6 @@
 """The pairwise LLM judge: a causal LM asked which of two answers is better, read from its next token.
 
-The question (see :mod:`alignkit.settings.judge_text`) shows the constitution, the prompt and the two answers
+The question (see :mod:`alignkit.recipe.settings.judge_text`) shows the constitution, the prompt and the two answers
 under option labels ("1" and "2"); the judge's preference is the softmax over the log-probabilities of the
 two label tokens at the position where its reply starts, not a parsed free-text verdict, so it is a
 calibrated number and never fails to parse. Asked in both orders, ``P(first) = (p(first shown first) +
@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignkit import generation, modeling
+from alignkit import generation
 from alignkit.feedback.base import JudgeStats, Messages, check_lengths
-from alignkit.settings import GenerationSettings, ModelSettings
-from alignkit.settings.judge_text import (
+from alignkit.models import modeling
+from alignkit.recipe.settings import GenerationSettings, ModelSettings
+from alignkit.recipe.settings.judge_text import (
     DEFAULT_CONSTITUTION,
     DEFAULT_TEMPLATE,
     REASONING_INSTRUCTION,

@@ -1,4 +1,4 @@
-"""``load_judge``: the judge a recipe's ``JudgeSettings`` describe (alignkit.settings.judge), built; and
+"""``load_judge``: the judge a recipe's ``JudgeSettings`` describe (alignkit.recipe.settings.judge), built; and
 ``LazyJudge``, which builds it when first asked and shares its work out across processes.
 
 A recipe names a judge in a mapping (``evaluate.judge``, ``rlaif.judge``, ``rest.judge``)::
@@ -22,7 +22,7 @@ from alignkit.feedback.base import Judge, JudgeStats
 from alignkit.feedback.llm import LLMJudge
 from alignkit.feedback.reward_model import RewardModel, RewardModelJudge
 from alignkit.feedback.rule import RuleJudge
-from alignkit.settings.judge import JudgeSettings
+from alignkit.recipe.settings.judge import JudgeSettings
 
 
 def load_judge(settings: JudgeSettings) -> Judge:

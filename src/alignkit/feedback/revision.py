@@ -20,10 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignkit import generation, schema
+from alignkit import generation
 from alignkit.feedback.base import Messages
-from alignkit.settings import GenerationSettings
-from alignkit.settings.judge_text import DEFAULT_CONSTITUTION
+from alignkit.recipe import schema
+from alignkit.recipe.settings import GenerationSettings
+from alignkit.recipe.settings.judge_text import DEFAULT_CONSTITUTION
 
 DEFAULT_CRITIQUE_REQUEST = ("Point out the specific ways in which your last answer falls short of these "
                             "principles: {constitution}")

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignkit import distributed, modeling
+from alignkit import distributed
 from alignkit.feedback.base import JudgeStats, Messages, check_lengths, sigmoid
-from alignkit.settings import ModelSettings, is_run_with_adapter
+from alignkit.models import modeling
+from alignkit.recipe.settings import ModelSettings, is_run_with_adapter
 
 
 @dataclass

@@ -29,7 +29,7 @@ from typing import Any
 from alignkit.distributed import map_shared
 from alignkit.errors import RecipeError
 from alignkit.feedback.reward_model import RewardModel
-from alignkit.settings.reward import RewardSettings
+from alignkit.recipe.settings.reward import RewardSettings
 from alignkit.suggest import did_you_mean
 
 RewardFunction = Callable[..., list[float]]

@@ -12,7 +12,7 @@ from typing import Any
 
 from alignkit.feedback.base import JudgeStats, Messages, check_lengths, sigmoid
 from alignkit.feedback.rewards import load_reward_functions
-from alignkit.settings.reward import RewardSettings, RewardSource
+from alignkit.recipe.settings.reward import RewardSettings, RewardSource
 
 
 @dataclass

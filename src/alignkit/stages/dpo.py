@@ -12,12 +12,11 @@ from functools import partial
 
 from trl import DPOConfig, DPOTrainer
 
-from alignkit import training
 from alignkit.data import load_preference_data
 from alignkit.evaluation import evaluate_preference_policy
-from alignkit.recipe import Recipe
-from alignkit.runs import RunDir
-from alignkit.stages import Stage
+from alignkit.recipe.loading import Recipe
+from alignkit.runs.rundir import RunDir
+from alignkit.stages import Stage, training
 from alignkit.stages.preference import check_dpo_train
 
 EVAL_NAMES = {"eval_rewards/accuracies": "dpo/reward_accuracy", "eval_rewards/margins": "dpo/margin",

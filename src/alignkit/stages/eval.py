@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from alignkit import modeling
 from alignkit.data import load_sft_data
 from alignkit.evaluation import evaluate_and_report
-from alignkit.recipe import Recipe
-from alignkit.runs import RunDir
-from alignkit.settings import EvaluateSettings
+from alignkit.models import modeling
+from alignkit.recipe.loading import Recipe
+from alignkit.recipe.settings import EvaluateSettings
+from alignkit.runs.rundir import RunDir
 from alignkit.stages import Stage
 
 

@@ -21,10 +21,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from alignkit import distributed, generation, modeling
-from alignkit.recipe import Recipe
-from alignkit.runs import RunDir
-from alignkit.settings import GenerationSettings, ModelSettings
+from alignkit import distributed, generation
+from alignkit.models import modeling
+from alignkit.recipe.loading import Recipe
+from alignkit.recipe.settings import GenerationSettings, ModelSettings
+from alignkit.runs.rundir import RunDir
 from alignkit.stages.rl_common import eval_generation
 
 logger = logging.getLogger(__name__)

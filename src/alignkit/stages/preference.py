@@ -4,8 +4,8 @@ trains with either one."""
 from __future__ import annotations
 
 from alignkit.errors import RecipeError
-from alignkit.recipe import Recipe
-from alignkit.settings import is_run_with_adapter
+from alignkit.recipe.loading import Recipe
+from alignkit.recipe.settings import is_run_with_adapter
 from alignkit.suggest import did_you_mean
 
 # The loss types of TRL 1.16's DPOTrainer (its DPOConfig docs); TRL itself only rejects an unknown one at

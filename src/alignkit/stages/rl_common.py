@@ -28,14 +28,14 @@ import logging
 from functools import partial
 from typing import Any
 
-from alignkit import generation, training
+from alignkit import generation
 from alignkit.data import PreparedData, load_prompt_data
 from alignkit.errors import RecipeError
 from alignkit.feedback.rewards import RewardFunction, load_reward_functions, shared_reward
-from alignkit.recipe import Recipe
-from alignkit.runs import RunDir
-from alignkit.settings import GenerationSettings, RewardSettings
-from alignkit.stages import Stage
+from alignkit.recipe.loading import Recipe
+from alignkit.recipe.settings import GenerationSettings, RewardSettings
+from alignkit.runs.rundir import RunDir
+from alignkit.stages import Stage, training
 
 logger = logging.getLogger(__name__)
 

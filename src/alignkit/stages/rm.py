@@ -12,12 +12,11 @@ from functools import partial
 
 from trl import RewardConfig, RewardTrainer
 
-from alignkit import training
 from alignkit.data import load_preference_data
 from alignkit.feedback import RewardModel
-from alignkit.recipe import Recipe
-from alignkit.runs import RunDir
-from alignkit.stages import Stage
+from alignkit.recipe.loading import Recipe
+from alignkit.runs.rundir import RunDir
+from alignkit.stages import Stage, training
 from alignkit.stages.preference import check_starts_new_head
 
 

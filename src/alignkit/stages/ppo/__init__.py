@@ -17,13 +17,12 @@ GAE, KL estimators, rewards, clipped losses), ``sampling`` (batch-independent pe
 
 from __future__ import annotations
 
-from alignkit import training
 from alignkit.data import load_prompt_data
 from alignkit.feedback.rewards import load_reward_functions, weighted_reward
-from alignkit.recipe import Recipe
-from alignkit.runs import RunDir
-from alignkit.settings import RewardSettings
-from alignkit.stages import Stage
+from alignkit.recipe.loading import Recipe
+from alignkit.recipe.settings import RewardSettings
+from alignkit.runs.rundir import RunDir
+from alignkit.stages import Stage, training
 from alignkit.stages.ppo.config import PPOConfig
 from alignkit.stages.ppo.models import build_actor_critic
 from alignkit.stages.ppo.trainer import PPOTrainer, checkpoint_to_resume

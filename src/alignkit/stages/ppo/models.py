@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignkit import modeling, training
 from alignkit.errors import RecipeError
-from alignkit.recipe import Recipe
-from alignkit.settings import ModelSettings, is_run_with_adapter
+from alignkit.models import modeling
+from alignkit.recipe.loading import Recipe
+from alignkit.recipe.settings import ModelSettings, is_run_with_adapter
+from alignkit.stages import training
 
 logger = logging.getLogger(__name__)
 

@@ -45,9 +45,9 @@ import torch
 
 from alignkit import generation
 from alignkit.errors import RecipeError
-from alignkit.modeling import is_quantized
-from alignkit.reports import write_history
-from alignkit.runs import RunDir, checkpoint_dirs, last_checkpoint
+from alignkit.models.modeling import is_quantized
+from alignkit.runs.reports import write_history
+from alignkit.runs.rundir import RunDir, checkpoint_dirs, last_checkpoint
 from alignkit.stages.ppo import core
 from alignkit.stages.ppo.config import PPOConfig
 from alignkit.stages.ppo.models import POLICY, ActorCritic

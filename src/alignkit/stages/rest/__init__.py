@@ -31,16 +31,16 @@ from typing import Any
 
 from trl import SFTConfig, SFTTrainer
 
-from alignkit import modeling, training
 from alignkit.data import load_prompt_data, load_sft_data
 from alignkit.errors import RecipeError
 from alignkit.feedback import LazyJudge, round_robin_scores
 from alignkit.feedback.rewards import monitoring_reward
-from alignkit.recipe import Recipe
-from alignkit.reports import write_history
-from alignkit.runs import RunDir, last_checkpoint
-from alignkit.settings import DataSettings, DataSource, RewardSettings
-from alignkit.stages import Stage
+from alignkit.models import modeling
+from alignkit.recipe.loading import Recipe
+from alignkit.recipe.settings import DataSettings, DataSource, RewardSettings
+from alignkit.runs.reports import write_history
+from alignkit.runs.rundir import RunDir, last_checkpoint
+from alignkit.stages import Stage, training
 from alignkit.stages.iterative import (
     LoopState,
     adopt_final_model,

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from alignkit.settings import GenerationSettings, JudgeSettings
+from alignkit.recipe.settings import GenerationSettings, JudgeSettings
 
 
 def _sampling() -> GenerationSettings:

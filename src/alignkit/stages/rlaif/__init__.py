@@ -46,18 +46,19 @@ from typing import Any
 from transformers import TrainingArguments
 from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
-from alignkit import distributed, modeling, training
+from alignkit import distributed
 from alignkit.data import load_preference_data, load_prompt_data, load_sft_data
 from alignkit.errors import RecipeError
 from alignkit.feedback import LazyJudge
 from alignkit.feedback.revision import Revision, RevisionSettings, critique_and_revise
 from alignkit.feedback.rewards import monitoring_reward
 from alignkit.generation import generate
-from alignkit.recipe import Recipe
-from alignkit.reports import write_history
-from alignkit.runs import RunDir, last_checkpoint
-from alignkit.settings import DataSettings, DataSource, ModelSettings, RewardSettings
-from alignkit.stages import Stage
+from alignkit.models import modeling
+from alignkit.recipe.loading import Recipe
+from alignkit.recipe.settings import DataSettings, DataSource, ModelSettings, RewardSettings
+from alignkit.runs.reports import write_history
+from alignkit.runs.rundir import RunDir, last_checkpoint
+from alignkit.stages import Stage, training
 from alignkit.stages.iterative import (
     LoopState,
     adopt_final_model,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from alignkit.feedback.revision import RevisionSettings
-from alignkit.settings import GenerationSettings, JudgeSettings
+from alignkit.recipe.settings import GenerationSettings, JudgeSettings
 
 
 def _sampling() -> GenerationSettings:

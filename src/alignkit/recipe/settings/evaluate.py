@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignkit.metrics import METRICS  # the names only: alignkit.metrics loads a metric's code when it scores
-from alignkit.settings.judge import JudgeSettings
-from alignkit.settings.reward import RewardSettings
+from alignkit.recipe.settings.judge import JudgeSettings
+from alignkit.recipe.settings.reward import RewardSettings
 from alignkit.suggest import did_you_mean
 
 

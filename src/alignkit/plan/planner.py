@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignkit import activations, adapters, memory, modeling, training
 from alignkit.data import sources
 from alignkit.errors import AlignkitError
-from alignkit.recipe import Recipe, load_raw, load_recipe
-from alignkit.settings import ModelSettings, QuantizationSettings, is_future_run, is_run_with_adapter
-from alignkit.stages import get_stage
+from alignkit.models import adapters, modeling
+from alignkit.plan import activations, memory
+from alignkit.recipe.loading import Recipe, load_raw, load_recipe
+from alignkit.recipe.settings import ModelSettings, QuantizationSettings, is_future_run, is_run_with_adapter
+from alignkit.stages import get_stage, training
 
 logger = logging.getLogger(__name__)
 

@@ -15,10 +15,11 @@ from typing import Literal
 
 import yaml
 
-from alignkit import distributed, schema
+from alignkit import distributed
 from alignkit.demo.build import demo_model_dir, is_demo_model
 from alignkit.errors import AlignkitError, RecipeError
-from alignkit.settings import ModelSettings, QuantizationSettings, is_future_run, is_run_with_adapter
+from alignkit.recipe import schema
+from alignkit.recipe.settings import ModelSettings, QuantizationSettings, is_future_run, is_run_with_adapter
 
 Head = Literal["causal_lm", "reward"]
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from alignkit.settings.judge_text import (
+from alignkit.recipe.settings.judge_text import (
     DEFAULT_CONSTITUTION,
     DEFAULT_TEMPLATE,
     REASONING_INSTRUCTION,
     check_template,
 )
-from alignkit.settings.reward import RewardSource
+from alignkit.recipe.settings.reward import RewardSource
 
 JudgeKind = Literal["llm", "reward_model", "rule"]
 

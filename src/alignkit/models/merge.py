@@ -23,10 +23,11 @@ from typing import Any
 
 import yaml
 
-from alignkit import __version__, modeling
+from alignkit import __version__
 from alignkit.errors import AlignkitError
-from alignkit.runs import METRICS_FILE, RECIPE_FILE, refuse_precious_dir
-from alignkit.settings import ModelSettings, is_run_with_adapter
+from alignkit.models import modeling
+from alignkit.recipe.settings import ModelSettings, is_run_with_adapter
+from alignkit.runs.rundir import METRICS_FILE, RECIPE_FILE, refuse_precious_dir
 from alignkit.stages import get_stage
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ model or dataset is touched, and every problem is reported as one :class:`Recipe
 Sections:
   ``stage``     which stage runs (``sft``, ...; see :mod:`alignkit.stages`)
   ``model``     :class:`ModelSettings`
-  ``adapter``   ``method`` plus the peft config's own arguments (see :mod:`alignkit.adapters`)
+  ``adapter``   ``method`` plus the peft config's own arguments (see :mod:`alignkit.models.adapters`)
   ``data``      :class:`DataSettings`
   ``train``     the stage's TRL config (``SFTConfig`` for sft), argument names unchanged
   ``evaluate``  :class:`EvaluateSettings`, generation-based evaluation after training
@@ -32,11 +32,13 @@ from typing import Any
 
 import yaml
 
-from alignkit import adapters, schema, stages
+from alignkit import stages
 from alignkit.data.formats import FORMATS
 from alignkit.errors import RecipeError
-from alignkit.schema import Raw
-from alignkit.settings import (
+from alignkit.models import adapters
+from alignkit.recipe import schema
+from alignkit.recipe.schema import Raw
+from alignkit.recipe.settings import (
     DataSettings,
     EvaluateSettings,
     ModelSettings,
@@ -354,7 +356,7 @@ def _formats(stage: Stage) -> Collection[str]:
 
 # String values whose choices only the libraries or the stage know (the field types say only "a string"), as
 # patterns like RANGES'. String fields with choices in their metadata or an enum type (optim,
-# lr_scheduler_type, the strategies) are checked by alignkit.schema; Literal fields (judge kind) by their type.
+# lr_scheduler_type, the strategies) are checked by alignkit.recipe.schema; Literal fields (judge kind) by their type.
 CHOICES: dict[str, Callable[[Stage], Collection[str]]] = {
     "train.report_to": _integrations,  # transformers refuses an unknown one only when the trainer starts
     "data.*.format": _formats,
