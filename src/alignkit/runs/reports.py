@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from alignkit import distributed
-from alignkit.runs.plots import write_line_plot
 from alignkit.recipe.settings import is_run_with_adapter
+from alignkit.runs.plots import write_line_plot
 
 HISTORY_FILE, EVALUATION_FILE, REPORT_FILE = "log_history.json", "evaluation.md", "report.md"
 
