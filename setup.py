@@ -2,7 +2,7 @@
 
 The library lives in the top-level ``recipes/`` folder, where the docs and a checkout's users find it; a
 plain ``pip install`` gets a copy as ``alignkit/recipes/`` inside the package, which is where
-``alignkit.library`` looks first. Everything else about the build is declared in pyproject.toml.
+``alignkit.recipe.library`` looks first. Everything else about the build is declared in pyproject.toml.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Peak memory of TRL's fused output layer (the chunked log-softmax TRL's SFT uses instead of full logits),
 forward and backward, in units of one tile (min(tokens, 4096) x min(vocab, 32768) float32 values): the
-figure behind alignkit.memory.FUSED_HEAD_TILES on CPU.
+figure behind alignkit.plan.memory.FUSED_HEAD_TILES on CPU.
 
     MALLOC_MMAP_THRESHOLD_=65536 .venv/bin/python bench/fused_head_probe.py --vocab 16000 --tokens 2044
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, _ChunkedLogProbFunction
 
-from alignkit.memory import FUSED_HEAD_TOKENS
+from alignkit.plan.memory import FUSED_HEAD_TOKENS
 
 
 def _status(field: str) -> int:

@@ -140,8 +140,8 @@ def measure(recipe_file: Path, warmup_file: Path) -> dict:
 
     import torch
 
-    from alignkit import training
-    from alignkit.recipe import load_recipe
+    from alignkit.recipe.loading import load_recipe
+    from alignkit.stages import training
 
     peak_before_save: dict[str, int] = {}
     save = training.save_final_model

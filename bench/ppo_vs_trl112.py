@@ -166,8 +166,8 @@ def merge_run(run_dir: Path, out_dir: Path, head: Literal["causal_lm", "reward"]
     dir before it is kept: the RM's scores against ``RewardModel.load(run_dir)``, the policy's logits
     against the base + adapter model.
     """
-    from alignkit import modeling
-    from alignkit.recipe import ModelSettings
+    from alignkit.models import modeling
+    from alignkit.recipe.settings import ModelSettings
 
     print(f"merging {run_dir} -> {out_dir}", flush=True)
     settings = ModelSettings(name_or_path=str(run_dir), dtype="float32")
@@ -210,9 +210,9 @@ def check_policy(run_dir: Path, merged: Path) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from alignkit import modeling
     from alignkit.demo.tasks import reverse_sft
-    from alignkit.recipe import ModelSettings
+    from alignkit.models import modeling
+    from alignkit.recipe.settings import ModelSettings
 
     adapter_model, tokenizer = modeling.load_for_inference(ModelSettings(name_or_path=str(run_dir), dtype="float32"))
     merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
@@ -326,7 +326,7 @@ def held_out_rule_reward(policy_dir: Path, count: int) -> dict[str, float]:
     from alignkit.demo.rewards import exact_reversal_reward, reversal_reward
     from alignkit.demo.tasks import reverse_prompts
     from alignkit.generation import generate
-    from alignkit.recipe import GenerationSettings
+    from alignkit.recipe.settings import GenerationSettings
 
     prompts = [row["prompt"] for row in reverse_prompts("test")[:count]]
     model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import RECIPES
 
-from alignkit import adapters
-from alignkit.recipe import load_recipe
+from alignkit.models import adapters
+from alignkit.recipe.loading import load_recipe
 from alignkit.stages import sft
-from alignkit.training import run_stage
+from alignkit.stages.training import run_stage
 
 
 class RecordingTrainer(sft.SFTTrainer):

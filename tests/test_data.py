@@ -17,7 +17,7 @@ from datasets import Dataset
 from alignkit.data import apply_weight, load_sft_data, load_sft_source, split_eval
 from alignkit.demo.tasks import reverse_sft
 from alignkit.errors import DataError
-from alignkit.recipe import DataSettings, DataSource
+from alignkit.recipe.settings import DataSettings, DataSource
 
 WHERE = "data.train[0]"
 

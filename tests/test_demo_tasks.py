@@ -29,7 +29,7 @@ from alignkit.demo.tasks import (
     pretraining_conversations,
     translate_to_zorbish,
 )
-from alignkit.recipe import load_recipe
+from alignkit.recipe.loading import load_recipe
 
 RAW_INPUT = {"summarize/raw": "document", "translate/raw": "source"}
 RAW_OUTPUT = {"summarize/raw": "summary", "translate/raw": "target"}

@@ -49,11 +49,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from alignkit import cli, training
+from alignkit import cli
 from alignkit.data import check_sources
 from alignkit.pipeline import is_pipeline, load_pipeline
-from alignkit.recipe import load_recipe
-from alignkit.stages import STAGES
+from alignkit.recipe.loading import load_recipe
+from alignkit.stages import STAGES, training
 
 MARKDOWN = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "recipes" / "README.md"]
 COMMENTED = [*sorted((REPO / "recipes").rglob("*.yaml")), *sorted((REPO / "accelerate_configs").iterdir())]

@@ -9,7 +9,7 @@ from conftest import run_cli
 
 from alignkit.generation import generate
 from alignkit.metrics import compute
-from alignkit.recipe import GenerationSettings
+from alignkit.recipe.settings import GenerationSettings
 
 PROMPTS = [[{"role": "user", "content": f"copy: {words}"}] for words in
            ("apple river stone", "cloud green table music", "light house", "bread water plant chair horse")]

@@ -17,7 +17,6 @@ import math
 import pytest
 from conftest import metrics_of, run_ok
 
-from alignkit import schema
 from alignkit.demo.rewards import reversal_reward, reversal_score
 from alignkit.demo.tasks import (
     DEMO_JUDGE_CONSTITUTION,
@@ -39,7 +38,8 @@ from alignkit.feedback import (
     option_tokens,
     win_rates,
 )
-from alignkit.recipe import load_recipe
+from alignkit.recipe import schema
+from alignkit.recipe.loading import load_recipe
 
 REVERSAL_RULE = "alignkit.demo.rewards:reversal_reward"
 # What the demo judge was trained on: its questions are asked with these.

@@ -14,9 +14,9 @@ import yaml
 from conftest import RECIPES, REPO
 
 from alignkit.cli import main
-from alignkit.library import copy_recipe, shipped_recipes
 from alignkit.pipeline import is_pipeline
-from alignkit.recipe import load_recipe
+from alignkit.recipe.library import copy_recipe, shipped_recipes
+from alignkit.recipe.loading import load_recipe
 
 SHIPPED = sorted(p for p in RECIPES.rglob("*.yaml") if "_base" not in p.parts)
 
@@ -94,7 +94,7 @@ def test_a_wheel_installed_outside_the_checkout_carries_the_library_and_runs_a_c
     work = tmp_path / "work"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "ALIGNKIT_RECIPES")}
-    where = _run(venv / "bin" / "python", "-c", "import alignkit, alignkit.library as library; "
+    where = _run(venv / "bin" / "python", "-c", "import alignkit, alignkit.recipe.library as library; "
                  "print(alignkit.__file__); print(library.library_dir())", cwd=work, env=env).split()
     assert all(Path(path).is_relative_to(site_packages) for path in where), where  # not the checkout's
     listed = _run(venv / "bin" / "alignkit", "recipes", cwd=work, env=env).splitlines()

@@ -1,4 +1,4 @@
-"""The memory planner (alignkit.memory, alignkit.activations, ``alignkit plan``): each part of the estimate
+"""The memory planner (alignkit.plan.memory, alignkit.plan.activations, ``alignkit plan``): each part of the estimate
 against the sizes it must have for real architectures (config.json fixtures), the activation trace's
 behaviour, sharding, the fit verdict and the cheapest change, and the command's output and errors.
 
@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignkit import memory, planner
-from alignkit.activations import trace_activations
 from alignkit.cli import main
-from alignkit.recipe import ModelSettings, load_recipe
+from alignkit.plan import memory, planner
+from alignkit.plan.activations import trace_activations
+from alignkit.recipe.loading import load_recipe
+from alignkit.recipe.settings import ModelSettings
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 LORA = {"method": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}

@@ -10,15 +10,20 @@ import torch
 from conftest import run_cli, run_ok
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alignkit import merge as merge_module
-from alignkit.modeling import base_settings_of_adapter, keep_4bit_layout_trainable, load_for_inference, load_model
-from alignkit.recipe import ModelSettings
+from alignkit.models import merge as merge_module
+from alignkit.models.modeling import (
+    base_settings_of_adapter,
+    keep_4bit_layout_trainable,
+    load_for_inference,
+    load_model,
+)
+from alignkit.recipe.settings import ModelSettings
 
 
 def held_out_prompts(count: int = 24) -> list[str]:
     """User turns of the demo's held-out reversal conversations."""
     from alignkit.data import load_sft_data
-    from alignkit.recipe import load_recipe
+    from alignkit.recipe.loading import load_recipe
 
     held_out = load_sft_data(load_recipe("recipes/demo/sft-qlora.yaml").data).eval
     return [row["messages"][0]["content"] for row in held_out.select(range(count))]

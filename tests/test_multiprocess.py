@@ -21,9 +21,9 @@ import pytest
 import yaml
 from conftest import REPO, metrics_of, run_cli
 
-from alignkit import training
 from alignkit.errors import RecipeError
-from alignkit.recipe import load_recipe
+from alignkit.recipe.loading import load_recipe
+from alignkit.stages import training
 
 CPU_CONFIG = REPO / "accelerate_configs" / "cpu_2proc.yaml"
 CONFIGS = REPO / "accelerate_configs"

@@ -11,7 +11,7 @@ from conftest import RECIPES, kill_when_written, run_cli
 
 from alignkit.errors import RecipeError
 from alignkit.pipeline import load_pipeline
-from alignkit.recipe import load_recipe
+from alignkit.recipe.loading import load_recipe
 
 
 def write_pipeline(tmp_path, steps, **extra) -> str:

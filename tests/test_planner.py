@@ -1,4 +1,4 @@
-"""The planner's parameter counts (alignkit.planner), from config.json alone on the meta device, checked
+"""The planner's parameter counts (alignkit.plan.planner), from config.json alone on the meta device, checked
 exactly against each architecture's formula and the published sizes, with and without adapters.
 
 The fixtures in tests/fixtures/configs are the config.json files of real models (no weights)."""
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.planner import count_parameters, meta_model, model_config, recipe_parameters
-from alignkit.recipe import ModelSettings, load_recipe
+from alignkit.plan.planner import count_parameters, meta_model, model_config, recipe_parameters
+from alignkit.recipe.loading import load_recipe
+from alignkit.recipe.settings import ModelSettings
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 LORA_16 = {"method": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}

@@ -12,8 +12,8 @@ from conftest import REPO, kill_when_written, run_cli
 from signal_rewards import ANSWER_LENGTH_REWARD
 
 from alignkit.errors import RecipeError
-from alignkit.recipe import load_recipe
-from alignkit.runs import RunDir
+from alignkit.recipe.loading import load_recipe
+from alignkit.runs.rundir import RunDir
 
 DEMO_PPO = str(REPO / "recipes/demo/ppo.yaml")
 # From the bare demo base with a fresh LoRA adapter: no run dir needed, and rewards are far from perfect.
@@ -194,7 +194,7 @@ def test_adapter_mode_shares_one_base_between_policy_reference_and_critic(tmp_pa
 def test_qlora_ppo_trains_the_adapter_on_a_4bit_base(tmp_path):
     trainer = _trainer(tmp_path / "run", "model.quantization={bits: 4}", "adapter.method=qlora",
                        "train.learning_rate=1e-3")
-    from alignkit.modeling import is_quantized
+    from alignkit.models.modeling import is_quantized
 
     assert is_quantized(trainer.models.policy.get_base_model())
     before = {n: p.detach().clone() for n, p in trainer.models.trainable.items() if ".default." in n}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignkit.ppo.core import (
+from alignkit.stages.ppo.core import (
     apply_missing_eos_penalty,
     gae,
     kl_per_token,
@@ -15,7 +15,7 @@ from alignkit.ppo.core import (
     token_rewards,
     value_loss,
 )
-from alignkit.ppo.sampling import RowGumbelSampler, row_seeds
+from alignkit.stages.ppo.sampling import RowGumbelSampler, row_seeds
 
 # Two responses: 3 real tokens then padding, and 5 real tokens.
 MASK = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32)

@@ -17,9 +17,9 @@ from signal_rewards import ANSWER_LENGTH_REWARD
 from test_ppo import DEMO_PPO, FROM_BASE, QUICK
 
 from alignkit.errors import RecipeError
-from alignkit.ppo.config import PPOConfig, unhonoured_options
-from alignkit.recipe import load_recipe
-from alignkit.runs import RunDir, last_checkpoint
+from alignkit.recipe.loading import load_recipe
+from alignkit.runs.rundir import RunDir, last_checkpoint
+from alignkit.stages.ppo.config import PPOConfig, unhonoured_options
 
 
 def _trainer(run_dir: Path, *overrides: str, recipe: str = DEMO_PPO,
@@ -45,7 +45,7 @@ def _record_output_dtypes(module: torch.nn.Module, seen: list[torch.dtype]):
      "optim_target_modules=['q_proj'], eval_strategy='steps', eval_steps=5"),
 ])
 def test_options_ppo_does_not_honour_are_refused_with_the_list_of_those_it_does(tmp_path, overrides, named):
-    from alignkit import training
+    from alignkit.stages import training
 
     with pytest.raises(RecipeError) as refused:  # at validation, which builds the stage's config
         training.training_args(load_recipe(DEMO_PPO, [f"train.output_dir={tmp_path}", *overrides]), PPOConfig,
@@ -73,7 +73,7 @@ def test_values_ppo_cannot_honour_are_refused(tmp_path, values, message):
 
 def test_shipped_ppo_recipes_set_only_what_ppo_honours(tmp_path):
     """Built as the planner builds them (use_cpu, so that the bf16 recipes for GPUs build here too)."""
-    from alignkit import training
+    from alignkit.stages import training
 
     shipped = sorted((REPO / "recipes").glob("*/ppo*.yaml"))
     assert len(shipped) >= 3
@@ -176,8 +176,8 @@ def test_optim_builds_transformers_choice_with_the_trainers_groups(tmp_path):
 PEAK_SCRIPT = r"""
 import gc, json, re, sys
 from pathlib import Path
-from alignkit.recipe import load_recipe
-from alignkit.runs import RunDir
+from alignkit.recipe.loading import load_recipe
+from alignkit.runs.rundir import RunDir
 from alignkit.stages.ppo import build_trainer
 
 model_dir, out, *overrides = sys.argv[1:]
@@ -254,7 +254,7 @@ def test_killed_run_continues_from_the_checkpoint_named_by_resume_from_checkpoin
 
     # true: the run dir's last complete checkpoint.
     args = PPOConfig(output_dir=str(first), resume_from_checkpoint=True)
-    from alignkit.ppo.trainer import checkpoint_to_resume
+    from alignkit.stages.ppo.trainer import checkpoint_to_resume
 
     assert checkpoint_to_resume(args, RunDir(path=first)) == checkpoint
 
@@ -272,7 +272,7 @@ def test_killed_run_continues_from_the_checkpoint_named_by_resume_from_checkpoin
 
 
 def test_resume_from_checkpoint_names_what_is_missing(tmp_path):
-    from alignkit.ppo.trainer import checkpoint_to_resume
+    from alignkit.stages.ppo.trainer import checkpoint_to_resume
 
     empty = tmp_path / "empty"
     empty.mkdir()

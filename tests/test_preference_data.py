@@ -15,7 +15,8 @@ from datasets import Dataset
 
 from alignkit.data import formats, load_preference_data, load_preference_source, load_sft_source
 from alignkit.errors import DataError, RecipeError
-from alignkit.recipe import DataSettings, DataSource, load_recipe
+from alignkit.recipe.loading import load_recipe
+from alignkit.recipe.settings import DataSettings, DataSource
 
 WHERE = "data.train[0]"
 

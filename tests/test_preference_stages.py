@@ -15,13 +15,15 @@ import pytest
 import torch
 from conftest import metrics_of, run_cli, run_ok
 
-from alignkit import modeling, training
 from alignkit.data import load_preference_data
 from alignkit.errors import RecipeError
 from alignkit.evaluation import evaluate_generations
 from alignkit.feedback import RewardModel, RewardModelJudge, win_rates
-from alignkit.recipe import ModelSettings, load_recipe
-from alignkit.stages.dpo import LOSS_TYPES
+from alignkit.models import modeling
+from alignkit.recipe.loading import load_recipe
+from alignkit.recipe.settings import ModelSettings
+from alignkit.stages import training
+from alignkit.stages.preference import LOSS_TYPES
 
 NO_CHECKPOINTS = ("train.save_strategy=no", "train.eval_strategy=no")
 

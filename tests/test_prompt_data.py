@@ -16,7 +16,7 @@ from alignkit.data import formats, load_prompt_data, load_prompt_source, load_sf
 from alignkit.demo.rewards import exact_reversal_reward, reversal_answer, reversal_reward
 from alignkit.demo.tasks import DEMO_DATASETS, reverse_sft
 from alignkit.errors import DataError
-from alignkit.recipe import DataSettings, DataSource
+from alignkit.recipe.settings import DataSettings, DataSource
 
 WHERE = "data.train[0]"
 

@@ -17,16 +17,9 @@ from conftest import RECIPES, REPO, run_cli
 
 from alignkit.data import check_sources
 from alignkit.errors import DataError, RecipeError
-from alignkit.recipe import (
-    DataSettings,
-    DataSource,
-    EvaluateSettings,
-    QuantizationSettings,
-    Recipe,
-    apply_override,
-    load_recipe,
-)
-from alignkit.schema import Raw
+from alignkit.recipe.loading import Recipe, apply_override, load_recipe
+from alignkit.recipe.schema import Raw
+from alignkit.recipe.settings import DataSettings, DataSource, EvaluateSettings, QuantizationSettings
 
 DEMO_SFT = RECIPES / "demo" / "sft.yaml"
 
@@ -570,8 +563,9 @@ def test_every_range_rule_names_an_option_some_stage_has() -> None:
     config or of a peft config."""
     from dataclasses import fields
 
-    from alignkit import adapters, stages
-    from alignkit.recipe import RANGES
+    from alignkit import stages
+    from alignkit.models import adapters
+    from alignkit.recipe.loading import RANGES
 
     configs = {stages.get_stage(name).train_config() for name in stages.STAGES}
     peft_configs = {adapters.config_class(method) for method in adapters.METHODS} - {None}
@@ -605,7 +599,7 @@ def test_the_configs_a_stage_builds_are_built_at_validation() -> None:
 def test_config_errors_name_the_keys_they_mention() -> None:
     from trl import SFTConfig
 
-    from alignkit.schema import config_error
+    from alignkit.recipe.schema import config_error
 
     message = config_error(ValueError("--load_best_model_at_end requires\n the save_strategy to match"), SFTConfig,
                            "train")

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from conftest import REPO, run_cli
 
-from alignkit import cli, distributed, training
-from alignkit.recipe import load_raw
-from alignkit.stages import STAGES
+from alignkit import cli, distributed
+from alignkit.recipe.loading import load_raw
+from alignkit.stages import STAGES, training
 
 CORPUS = Path(__file__).parent / "fixtures" / "malformed_recipes.yaml"
 

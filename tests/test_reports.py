@@ -9,8 +9,9 @@ import math
 import pytest
 from conftest import RECIPES
 
-from alignkit import reports, training
-from alignkit.recipe import load_recipe
+from alignkit.recipe.loading import load_recipe
+from alignkit.runs import reports
+from alignkit.stages import training
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -11,8 +11,8 @@ from conftest import REPO, kill_when_written, metrics_of, run_cli
 from alignkit.demo.rewards import reversal_reward
 from alignkit.errors import RecipeError
 from alignkit.feedback import round_robin_scores
-from alignkit.recipe import load_recipe
-from alignkit.rest import RestSettings, Sample, keep_samples
+from alignkit.recipe.loading import load_recipe
+from alignkit.stages.rest.selection import RestSettings, Sample, keep_samples
 
 DEMO_REST = str(REPO / "recipes/demo/rest.yaml")
 PROMPT = [{"role": "user", "content": "reverse: a b"}]

@@ -13,12 +13,13 @@ import torch
 import yaml
 from conftest import metrics_of, run_cli
 
-from alignkit import modeling, training
 from alignkit.data import load_prompt_data
 from alignkit.demo.rewards import reversal_reward
 from alignkit.errors import RecipeError
 from alignkit.generation import generate
-from alignkit.recipe import load_recipe
+from alignkit.models import modeling
+from alignkit.recipe.loading import load_recipe
+from alignkit.stages import training
 
 NO_CHECKPOINTS = ("train.save_strategy=no",)
 RL_STAGES = ("grpo", "rloo")

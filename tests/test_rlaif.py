@@ -13,8 +13,8 @@ from conftest import REPO, kill_when_written, metrics_of, run_cli, run_ok
 from alignkit.errors import RecipeError
 from alignkit.feedback import RewardModel
 from alignkit.feedback.revision import RevisionSettings, critique_and_revise
-from alignkit.recipe import load_recipe
-from alignkit.rlaif import Pair, confident_pairs, label_agreement, make_pairs, preference_row
+from alignkit.recipe.loading import load_recipe
+from alignkit.stages.rlaif.pairs import Pair, confident_pairs, label_agreement, make_pairs, preference_row
 
 DEMO_RLAIF = str(REPO / "recipes/demo/rlaif.yaml")
 RULE_JUDGE = "rlaif.judge={kind: rule, function: 'alignkit.demo.rewards:reversal_reward'}"

@@ -24,7 +24,7 @@ from conftest import REPO
 
 from alignkit.cli import main, parse_arguments
 from alignkit.errors import AlignkitError, RunDirError
-from alignkit.runs import LOCK_FILE, last_checkpoint, refuse_precious_dir
+from alignkit.runs.rundir import LOCK_FILE, last_checkpoint, refuse_precious_dir
 
 DEMO_SFT = str(REPO / "recipes" / "demo" / "sft.yaml")
 # A short demo SFT run that checkpoints every 10 steps and evaluates nothing (no held-out loss, no generation).
@@ -107,7 +107,7 @@ def test_the_current_directory_its_parents_home_and_root_are_never_a_run_dir(out
 
 
 def test_merge_and_recipe_copy_replace_only_what_they_wrote(tmp_path, capsys):
-    from alignkit.merge import _claim
+    from alignkit.models.merge import _claim
 
     users = tmp_path / "models"
     users.mkdir()
@@ -195,7 +195,7 @@ def test_a_truncated_last_checkpoint_is_named_and_the_one_before_is_resumed(tmp_
     weights = last / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a full disk, a bad copy
 
-    with caplog.at_level(logging.WARNING, logger="alignkit.runs"):
+    with caplog.at_level(logging.WARNING, logger="alignkit.runs.rundir"):
         assert main(sft_args(run_dir, 50)) == 0
     warning = caplog.text
     assert f"{last} is damaged (adapter_model.safetensors:" in warning
@@ -220,8 +220,8 @@ def test_data_with_every_row_too_long_for_max_length_is_a_counted_error(stage, t
 
 
 def test_plan_does_not_count_rows_too_long_for_max_length():
-    from alignkit.planner import rows_too_long
-    from alignkit.recipe import load_recipe
+    from alignkit.plan.planner import rows_too_long
+    from alignkit.recipe.loading import load_recipe
 
     recipe = load_recipe(DEMO_SFT, ["train.max_length=4"])
     rows = [{"messages": [{"role": "user", "content": "reverse: a b c"}, {"role": "assistant", "content": "c b a"}]}]

@@ -21,8 +21,8 @@ from test_ppo import DEMO_PPO, FROM_BASE, QUICK
 
 from alignkit.errors import RecipeError
 from alignkit.feedback.reward_model import RECORD_SCORES_ENV
-from alignkit.recipe import load_recipe
-from alignkit.runs import RunDir
+from alignkit.recipe.loading import load_recipe
+from alignkit.runs.rundir import RunDir
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from conftest import REPO, run_cli
 
 from alignkit.data import load_sft_data
 from alignkit.evaluation import evaluate_generations, split_conversation
-from alignkit.recipe import load_recipe
+from alignkit.recipe.loading import load_recipe
 
 DEMO_SFT = "recipes/demo/sft.yaml"
 

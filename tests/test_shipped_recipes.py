@@ -7,7 +7,7 @@ from conftest import RECIPES
 
 from alignkit.data import check_sources
 from alignkit.pipeline import is_pipeline, load_pipeline
-from alignkit.recipe import load_recipe
+from alignkit.recipe.loading import load_recipe
 
 SHIPPED = sorted(p for p in RECIPES.rglob("*.yaml") if "_base" not in p.parts)
 # A recipe is named for its stage, except these, named for what they make: the demo judge is an SFT run.

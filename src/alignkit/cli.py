@@ -20,8 +20,18 @@ import sys
 import yaml
 
 from alignkit import __version__, distributed
+from alignkit.data import check_sources
+from alignkit.demo.build import demo_model_dir
+from alignkit.demo.tasks import DEMO_DATASETS
 from alignkit.errors import AlignkitError
-from alignkit.stages import STAGES
+from alignkit.models import merge
+from alignkit.pipeline import is_pipeline, load_pipeline, run_pipeline
+from alignkit.plan.report import run_plan
+from alignkit.recipe.library import copy_recipe, shipped_recipes
+from alignkit.recipe.loading import load_recipe
+from alignkit.runs.reports import before_and_after
+from alignkit.scoring import bad_line_report, score_file
+from alignkit.stages import STAGES, training
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,15 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                       help="what the run trains on (default: %(default)s)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
-    merge = commands.add_parser("merge", help="fold a run's adapter into its base: a standalone model dir")
-    merge.add_argument("run_dir", help="a run dir holding an adapter (LoRA, QLoRA, ...)")
-    merge.add_argument("--output", help="where to write the model (default: RUN_DIR-merged)")
-    merge.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                       help="dtype of the saved weights (default: the base's)")
-    merge.add_argument("--overwrite", action="store_true",
-                       help="replace an output directory that an earlier alignkit merge wrote")
-    merge.add_argument("--push", metavar="REPO_ID", help="also upload it to this Hub repository (never by default)")
-    merge.add_argument("--public", action="store_true", help="with --push: create the repository public")
+    merge_parser = commands.add_parser("merge", help="fold a run's adapter into its base: a standalone model dir")
+    merge_parser.add_argument("run_dir", help="a run dir holding an adapter (LoRA, QLoRA, ...)")
+    merge_parser.add_argument("--output", help="where to write the model (default: RUN_DIR-merged)")
+    merge_parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                              help="dtype of the saved weights (default: the base's)")
+    merge_parser.add_argument("--overwrite", action="store_true",
+                              help="replace an output directory that an earlier alignkit merge wrote")
+    merge_parser.add_argument("--push", metavar="REPO_ID",
+                              help="also upload it to this Hub repository (never by default)")
+    merge_parser.add_argument("--public", action="store_true", help="with --push: create the repository public")
     library = commands.add_parser("recipes", help="list the shipped recipes, or copy one out to edit")
     library.add_argument("filter", nargs="?", help="only recipes whose name contains this (e.g. qwen, dpo)")
     library.add_argument("--copy", nargs=2, metavar=("NAME", "DEST"),
@@ -126,8 +137,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "merge":
             return _merge(args)
         if args.command == "plan":
-            from alignkit.plan_report import run_plan
-
             return run_plan(args, _load(args))
         with _sigterm_interrupts():
             return _run_stage(args)
@@ -179,9 +188,6 @@ def rerun_command(argv: list[str]) -> str:
 
 
 def _load(args):
-    from alignkit.data import check_sources
-    from alignkit.recipe import load_recipe
-
     recipe = load_recipe(args.recipe, args.overrides)
     check_sources(recipe.data)
     return recipe
@@ -189,8 +195,6 @@ def _load(args):
 
 def _pipeline(args) -> int:
     distributed.join_processes()
-    from alignkit.pipeline import load_pipeline, run_pipeline
-    from alignkit.reports import before_and_after
 
     pipeline = load_pipeline(args.recipe, args.overrides)
     results = run_pipeline(pipeline, overwrite=args.overwrite, resume=args.resume)
@@ -209,8 +213,6 @@ def _pipeline(args) -> int:
 
 
 def _validate(args) -> int:
-    from alignkit.pipeline import is_pipeline, load_pipeline
-
     if is_pipeline(args.recipe):
         pipeline = load_pipeline(args.recipe, args.overrides)
         for step in pipeline.steps:
@@ -224,14 +226,13 @@ def _validate(args) -> int:
 
 
 def _run_stage(args) -> int:
-    distributed.join_processes()  # first: importing the libraries below may ask for the process state
-    from alignkit.training import run_stage
+    distributed.join_processes()  # first: importing the stage's libraries (in run_stage) may ask for the process state
 
     recipe = _load(args)
     if recipe.stage != args.command:
         raise AlignkitError(f"{args.recipe} is a '{recipe.stage}' recipe; run it with: alignkit {recipe.stage} "
                             f"{args.recipe}")
-    metrics = run_stage(recipe, overwrite=args.overwrite, resume=args.resume)
+    metrics = training.run_stage(recipe, overwrite=args.overwrite, resume=args.resume)
     distributed.wait_for_everyone()  # no process leaves while another still shares a collective with it
     if not distributed.is_main_process():
         return 0  # the main process reports for all
@@ -244,8 +245,6 @@ def _run_stage(args) -> int:
 
 def _recipes(args) -> int:
     from pathlib import Path
-
-    from alignkit.library import copy_recipe, shipped_recipes
 
     if args.copy:
         name, destination = args.copy
@@ -262,22 +261,18 @@ def _recipes(args) -> int:
 def _merge(args) -> int:
     from pathlib import Path
 
-    from alignkit.merge import merge_run, push
-
-    merged = merge_run(Path(args.run_dir), Path(args.output) if args.output else None, dtype=args.dtype,
+    merged = merge.merge_run(Path(args.run_dir), Path(args.output) if args.output else None, dtype=args.dtype,
                        overwrite=args.overwrite)
     print(f"merged {args.run_dir} into {merged.base}" + (" (dequantised)" if merged.dequantized else "")
           + f": {merged.path} ({merged.dtype})")
     if args.push:
-        print(f"pushed: {push(merged.path, args.push, private=not args.public)}")
+        print(f"pushed: {merge.push(merged.path, args.push, private=not args.public)}")
     return 0
 
 
 def _score(args) -> int:
     import json
     from pathlib import Path
-
-    from alignkit.scoring import bad_line_report, score_file
 
     scores, data = score_file(Path(args.file), [m.strip() for m in args.metrics.split(",") if m.strip()])
     if (warning := bad_line_report(data)) is not None:
@@ -293,9 +288,6 @@ def _score(args) -> int:
 
 def _demo(args) -> int:
     import shutil
-
-    from alignkit.demo.build import demo_model_dir
-    from alignkit.demo.tasks import DEMO_DATASETS
 
     if args.rebuild:
         shutil.rmtree(demo_model_dir(), ignore_errors=True)

@@ -15,14 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alignkit import distributed, modeling
+from alignkit import distributed
+from alignkit.feedback import LazyJudge, win_rates
+from alignkit.feedback.rewards import monitoring_reward
 from alignkit.generation import generate
 from alignkit.metrics import compute
-from alignkit.recipe import EvaluateSettings, ModelSettings, Recipe
-from alignkit.reports import EVALUATION_FILE
+from alignkit.models import modeling
+from alignkit.recipe.loading import Recipe
+from alignkit.recipe.settings import EvaluateSettings, ModelSettings
+from alignkit.runs.reports import EVALUATION_FILE
 
 if TYPE_CHECKING:
-    from alignkit.training import Fitted
+    from alignkit.stages.training import Fitted
 
 COMPARE_BASE = "base"
 
@@ -77,8 +81,6 @@ def evaluate_and_report(model, tokenizer, dataset, settings: EvaluateSettings, r
     Returns ``eval/<metric>`` for the model and ``compare/<metric>`` for the comparison model.
     ``base_settings`` describe the model before training, for ``compare: base``.
     """
-    from alignkit.rewards import monitoring_reward
-
     prompts, references = held_out_examples(dataset, settings.max_samples)
     reward = monitoring_reward(settings.reward)  # loaded once, for both models
     results = [evaluate_model(model, tokenizer, prompts, references, settings, label, reward)]
@@ -105,8 +107,6 @@ def judge_win_rates(settings: EvaluateSettings, results: list[Evaluation]) -> di
     """Win / tie / loss rates of the model's answers, judged by ``settings.judge`` against the comparison
     model's answers when there is one, else against the references; ``judge_skipped`` when the judge had to
     skip pairs (counted as ties)."""
-    from alignkit.feedback import LazyJudge, win_rates
-
     judge = LazyJudge(settings.judge)
     opponent = results[1].predictions if len(results) > 1 else results[0].references
     rates = win_rates(judge.compare(results[0].prompts, results[0].predictions, opponent), settings.tie_margin)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from alignkit import distributed
-from alignkit.recipe import GenerationSettings
+from alignkit.recipe.settings import GenerationSettings
 
 
 def generate(model, tokenizer, prompts: Sequence[list[dict[str, str]]], settings: GenerationSettings) -> list[str]:

@@ -13,7 +13,7 @@ and a ``recipe`` (a file, relative to the pipeline file, or a recipe written inl
 
 Every step is validated before the first one starts. Running a pipeline again skips the steps whose run
 dir is complete and resumes an interrupted one from its last checkpoint (the run dir rules of
-``alignkit.runs``), so a killed or preempted pipeline is continued by running the same command.
+``alignkit.runs.rundir``), so a killed or preempted pipeline is continued by running the same command.
 Command-line overrides address a step by name: ``sft.train.max_steps=100``.
 """
 
@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from alignkit import distributed
-from alignkit.errors import RecipeError
-from alignkit.recipe import Recipe, apply_override, check_output_dir, deep_merge, load_raw, validate
-from alignkit.runs import METRICS_FILE, RUN_FILE
+from alignkit.errors import RecipeError, RunDirError
+from alignkit.recipe.loading import Recipe, apply_override, check_output_dir, deep_merge, load_raw, validate
+from alignkit.runs import reports
+from alignkit.runs.rundir import METRICS_FILE, RECIPE_FILE, RUN_FILE, diff_keys, locked
+from alignkit.stages import training
 from alignkit.suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -188,10 +190,8 @@ def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, resume: bool = 
 
     The pipeline's output dir is locked for the whole pipeline, and each step's run dir while the step runs
     (a second pipeline or run into either is refused). ``overwrite`` replaces the steps' previous runs, never
-    a directory that holds no alignkit run (see :mod:`alignkit.runs`).
+    a directory that holds no alignkit run (see :mod:`alignkit.runs.rundir`).
     """
-    from alignkit.runs import locked
-
     _refuse_foreign_report(pipeline.output_dir)
     with locked(pipeline.output_dir, "the pipeline's output_dir"):
         return _run_steps(pipeline, overwrite=overwrite, resume=resume)
@@ -200,16 +200,12 @@ def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, resume: bool = 
 def _refuse_foreign_report(output_dir: Path) -> None:
     """The pipeline writes report.md and pipeline.json into its output dir: a report.md there that no pipeline
     wrote (no pipeline.json beside it) is the user's, and is not overwritten."""
-    from alignkit.errors import RunDirError
-
     if (output_dir / "report.md").exists() and not (output_dir / PIPELINE_FILE).is_file():
         raise RunDirError(f"the pipeline's output_dir {output_dir} holds a report.md that no alignkit pipeline "
                           f"wrote (no {PIPELINE_FILE} beside it); choose another output_dir")
 
 
 def _run_steps(pipeline: Pipeline, *, overwrite: bool, resume: bool) -> dict[str, dict]:
-    from alignkit.training import run_stage
-
     results: dict[str, dict] = {}
     outcomes: dict[str, str] = {}
     for step in pipeline.steps:
@@ -222,7 +218,7 @@ def _run_steps(pipeline: Pipeline, *, overwrite: bool, resume: bool) -> dict[str
             outcomes[step.name] = "complete before, skipped"
             continue
         logger.info("pipeline step '%s': %s %s", step.name, "resuming" if status else "running", run_dir)
-        results[step.name] = run_stage(step.recipe, overwrite=overwrite, resume=resume)
+        results[step.name] = training.run_stage(step.recipe, overwrite=overwrite, resume=resume)
         outcomes[step.name] = "resumed and completed" if status and not overwrite else "ran"
     report = render_report(pipeline, results, outcomes)
     distributed.write_text(pipeline.output_dir / "report.md", report)
@@ -239,9 +235,6 @@ def _check_same_recipe(step: Step) -> None:
     the step and would silently get the old result."""
     import yaml
 
-    from alignkit.errors import RunDirError
-    from alignkit.runs import RECIPE_FILE, diff_keys
-
     saved_file = step.recipe.output_dir / RECIPE_FILE
     saved = yaml.safe_load(saved_file.read_text()) if saved_file.is_file() else None
     resolved = step.recipe.to_dict()
@@ -255,8 +248,6 @@ def _check_same_recipe(step: Step) -> None:
 def render_report(pipeline: Pipeline, results: dict[str, dict], outcomes: dict[str, str]) -> str:
     """Markdown: each step's stage, run dir and what happened this time; then per step its measures before and
     after, its charts (linked from the step's run dir) and every metric."""
-    from alignkit import reports
-
     lines = [f"# Pipeline {pipeline.source.name}", "", "| step | stage | run dir | this run |", "|---|---|---|---|"]
     lines += [f"| {s.name} | {s.recipe.stage} | `{s.recipe.output_dir}` | {outcomes[s.name]} |"
               for s in pipeline.steps]

@@ -21,8 +21,8 @@ def main(out_dir: Path) -> None:
 
     from alignkit.feedback import RewardModel
     from alignkit.generation import generate
-    from alignkit.modeling import load_model, load_tokenizer
-    from alignkit.recipe import GenerationSettings, ModelSettings
+    from alignkit.models.modeling import load_model, load_tokenizer
+    from alignkit.recipe.settings import GenerationSettings, ModelSettings
 
     settings = ModelSettings(name_or_path="demo:tiny-llama", dtype="float32")
     tokenizer = load_tokenizer(settings)

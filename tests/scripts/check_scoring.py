@@ -32,7 +32,7 @@ def rows_of(rank: int, count: int) -> tuple[list, list[str]]:
 def main(reward_model: str, out_dir: Path) -> None:
     distributed.join_processes()
     from alignkit.feedback import RewardModel
-    from alignkit.rewards import reward_model_function, shared_reward
+    from alignkit.feedback.rewards import reward_model_function, shared_reward
 
     rank = distributed.process_index()
     scorer = RewardModel.load(reward_model, batch_size=2)

@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 from alignkit.data import formats, sources
 from alignkit.errors import DataError
-from alignkit.recipe import DataSettings, DataSource
+from alignkit.recipe.settings import DataSettings, DataSource
+from alignkit.suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,6 @@ def _normalise(rows, source: DataSource, where: str, converter_for: Callable[[st
     together (for rules about the whole source) and returns each one, possibly changed, or a RowError.
     """
     if source.format != "auto" and source.format not in known_formats:
-        from alignkit.suggest import did_you_mean
-
         raise DataError(f"{where}: unknown format '{source.format}'.{did_you_mean(source.format, known_formats)} "
                         f"Choose auto or one of: {', '.join(known_formats)}")
     report = SourceReport(where=where, path=source.path, format=source.format)

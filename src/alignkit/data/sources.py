@@ -7,8 +7,9 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from alignkit.demo.tasks import DEMO_DATASETS, DEMO_SPLITS
 from alignkit.errors import DataError
-from alignkit.recipe import DataSource
+from alignkit.recipe.settings import DataSource
 from alignkit.suggest import nearest
 
 DEMO_PREFIX = "demo:"
@@ -53,8 +54,6 @@ def read_rows(source: DataSource, where: str) -> Iterator[tuple[int, dict | None
 
 
 def _demo_generator(source: DataSource, where: str):
-    from alignkit.demo.tasks import DEMO_DATASETS, DEMO_SPLITS
-
     name = source.path.removeprefix(DEMO_PREFIX)
     if name not in DEMO_DATASETS:
         match = nearest(name, DEMO_DATASETS)  # suggested as the recipe must say it, prefix included

@@ -12,7 +12,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from alignkit.demo.tasks import tokenizer_corpus
+from alignkit.demo.tasks import pretraining_conversations, tokenizer_corpus
+from alignkit.errors import AlignkitError
+from alignkit.suggest import did_you_mean
 
 DEMO_VERSION = "2"
 DEMO_MODEL_PREFIX = "demo:"
@@ -49,9 +51,6 @@ def demo_model_dir(name: str = "tiny-llama") -> Path:
     """Path of a built demo model, building it first if needed. ``name`` may carry the ``demo:`` prefix."""
     name = name.removeprefix(DEMO_MODEL_PREFIX)
     if name not in DEMO_MODELS:
-        from alignkit.errors import AlignkitError
-        from alignkit.suggest import did_you_mean
-
         raise AlignkitError(f"unknown demo model 'demo:{name}'.{did_you_mean(name, DEMO_MODELS)}")
     target = cache_dir() / "demo" / f"v{DEMO_VERSION}" / name
     if not (target / "config.json").exists():
@@ -140,8 +139,6 @@ def pretrain(model, tokenizer, steps: int = 600, batch_size: int = 32, seed: int
     recipes teach, while an adapter has real features to build on, as with any pretrained base.
     """
     import torch
-
-    from alignkit.demo.tasks import pretraining_conversations
 
     torch.manual_seed(seed)
     conversations = pretraining_conversations(steps * batch_size)

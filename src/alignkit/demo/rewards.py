@@ -22,7 +22,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from alignkit.demo.tasks import REVERSE_INSTRUCTION
+# The reversal task's prompt is this instruction and the words to reverse (the demo data in
+# alignkit.demo.tasks writes it, the rewards here read it).
+REVERSE_INSTRUCTION = "reverse:"
 
 # Chat-format special tokens (the demo's <|end|>, <|assistant|>, ...): they end a string prompt's phrase,
 # and are not words of an answer decoded with them.

@@ -12,6 +12,9 @@ import random
 from collections.abc import Callable
 from typing import TypeVar
 
+from alignkit.demo.rewards import REVERSE_INSTRUCTION, completion_words, reversal_answer
+from alignkit.recipe.settings.judge_text import answer_instruction, judge_question
+
 T = TypeVar("T")
 
 # A closed vocabulary keeps the tokenizer tiny (every word becomes one token) and makes "learning the
@@ -29,7 +32,6 @@ WORDS: tuple[str, ...] = (
     "cotton", "velvet", "shadow", "sunset", "meteor", "comet", "breeze", "pebble", "canyon", "glacier",
 )
 
-REVERSE_INSTRUCTION = "reverse:"
 # Instructions the demo *base* model is pretrained on (see demo.build), so it knows the words, the chat
 # format and how to end a turn, but has never seen the tasks that recipes teach it.
 PRETRAIN_INSTRUCTIONS: tuple[str, ...] = ("copy:", "first:", "last:")
@@ -237,7 +239,7 @@ def reverse_prompts(split: str) -> list[dict]:
 
 # The demo judge (issue 6): the tiny model fine-tuned to answer "which answer reverses the words, 1 or 2?",
 # an LLM judge that runs on a CPU. Its questions are built by the same code the LLMJudge asks with
-# (alignkit.feedback.template), so it is trained on exactly what it is later asked. The short template and
+# (alignkit.recipe.settings.judge_text), so it is trained on exactly what it is later asked. The short template and
 # constitution are the demo's own (the default template costs the demo tokenizer, which spells English
 # letter by letter, twice the tokens); a recipe using the judge must give the same text, with
 # chain_of_thought on (the judge checks each answer before it names one, see judge_rationale).
@@ -274,8 +276,6 @@ def judge_rationale(prompt: list[dict] | str, answer_1: str, answer_2: str) -> s
     where the answer agrees with it (a step of reversing and a step of copying the answer vote for the same
     word), and the mark is where they disagree; the verdict then only reads the marks.
     """
-    from alignkit.demo.rewards import completion_words, reversal_answer  # lazy: rewards imports this module
-
     right = reversal_answer(prompt)
 
     def line(option: str, answer: str) -> str:
@@ -293,9 +293,6 @@ def reverse_judge(split: str) -> list[dict]:
     options "1" and "2", reasoning asked for with :data:`DEMO_JUDGE_REASONING`), the check of both answers
     (:func:`judge_rationale`), the judge's request for a label and, as the last answer, the right answer's
     label."""
-    # Lazy: keeps the demo builder free of judge code.
-    from alignkit.feedback.template import answer_instruction, judge_question
-
     rows = []
     for pair in reverse_judge_pairs(split):
         for right_first in (pair["right_first"], not pair["right_first"]):

@@ -1,4 +1,5 @@
-"""Feedback on generated answers: reward models as scorers, and judges that compare two answers.
+"""Feedback on generated answers, the one home of "scoring an answer": reward functions (rule functions and
+reward models, weighted), reward models as scorers, and judges that compare two answers.
 
 Every judge has ``compare(prompts, first, second) -> list[float]``: per prompt (a message list), the
 probability that ``first`` is the better answer, 0.5 for a tie. They are used by the evaluation's win rate,
@@ -15,17 +16,20 @@ preference over its siblings), which is how ReST ranks samples with a judge.
 A recipe describes one with ``JudgeSettings``; ``load_judge`` builds it, ``LazyJudge`` builds it when first
 used and shares its work out across the processes of a multi-process launch.
 
-Modules: ``base`` (protocol, stats, win rates), ``reward_model``, ``template`` (the LLM judge's question),
-``llm``, ``rule``, ``settings``. They import models and torch only when used, because ``alignkit.recipe``
-imports this package for the judge settings of ``evaluate:``.
+Modules: ``base`` (protocol, stats, win rates), ``rewards`` (a ``reward:`` section's sources as TRL reward
+functions), ``reward_model``, ``llm``, ``rule``, ``loading`` (``load_judge``, ``LazyJudge``), ``revision``
+(critique and revise). The settings a recipe writes (``JudgeSettings``, ``RewardSettings``) and the LLM
+judge's question text live in :mod:`alignkit.recipe.settings`, which imports nothing from here. Models and torch
+load only when a judge or reward model is used, so importing this package stays cheap.
 """
 
 from alignkit.feedback.base import Judge, JudgeStats, Messages, round_robin_scores, win_rates
 from alignkit.feedback.llm import LLMJudge, option_tokens
+from alignkit.feedback.loading import LazyJudge, load_judge
 from alignkit.feedback.reward_model import RewardModel, RewardModelJudge
 from alignkit.feedback.rule import RuleJudge
-from alignkit.feedback.settings import JudgeSettings, LazyJudge, load_judge
-from alignkit.feedback.template import DEFAULT_CONSTITUTION, DEFAULT_TEMPLATE, judge_question
+from alignkit.recipe.settings.judge import JudgeSettings
+from alignkit.recipe.settings.judge_text import DEFAULT_CONSTITUTION, DEFAULT_TEMPLATE, judge_question
 
 __all__ = [
     "DEFAULT_CONSTITUTION",

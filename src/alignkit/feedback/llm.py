@@ -1,6 +1,6 @@
 """The pairwise LLM judge: a causal LM asked which of two answers is better, read from its next token.
 
-The question (see :mod:`alignkit.feedback.template`) shows the constitution, the prompt and the two answers
+The question (see :mod:`alignkit.recipe.settings.judge_text`) shows the constitution, the prompt and the two answers
 under option labels ("1" and "2"); the judge's preference is the softmax over the log-probabilities of the
 two label tokens at the position where its reply starts, not a parsed free-text verdict, so it is a
 calibrated number and never fails to parse. Asked in both orders, ``P(first) = (p(first shown first) +
@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignkit import generation
 from alignkit.feedback.base import JudgeStats, Messages, check_lengths
-from alignkit.feedback.template import (
+from alignkit.models import modeling
+from alignkit.recipe.settings import GenerationSettings, ModelSettings
+from alignkit.recipe.settings.judge_text import (
     DEFAULT_CONSTITUTION,
     DEFAULT_TEMPLATE,
     REASONING_INSTRUCTION,
@@ -118,10 +121,6 @@ class LLMJudge:
     def load(cls, name_or_path: str | Path, **settings: Any) -> LLMJudge:
         """The judge from a causal LM: an alignkit run dir (base + adapter, e.g. the demo judge's SFT run), a
         local directory or a hub id. ``settings`` are the other fields of LLMJudge."""
-        # Imported here: alignkit.recipe imports this package for the judge settings of `evaluate:`.
-        from alignkit import modeling
-        from alignkit.recipe import ModelSettings
-
         model, tokenizer = modeling.load_for_inference(ModelSettings(name_or_path=str(name_or_path)))
         model.eval()
         return cls(model=model, tokenizer=tokenizer, **settings)
@@ -173,10 +172,7 @@ class LLMJudge:
             for prompt, a, b in zip(prompts, first, second)]
         if not self.chain_of_thought or not asked:
             return asked
-        from alignkit.generation import generate
-        from alignkit.recipe import GenerationSettings
-
-        reasons = generate(self.model, self.tokenizer, asked,
+        reasons = generation.generate(self.model, self.tokenizer, asked,
                            GenerationSettings(max_new_tokens=self.max_new_tokens, batch_size=self._even_batch_size))
         follow_up = {"role": "user", "content": answer_instruction(self.options)}
         return [[*question, {"role": "assistant", "content": reason}, follow_up]

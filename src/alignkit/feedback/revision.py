@@ -20,9 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from alignkit import generation
 from alignkit.feedback.base import Messages
-from alignkit.feedback.template import DEFAULT_CONSTITUTION
-from alignkit.recipe import GenerationSettings
+from alignkit.recipe import schema
+from alignkit.recipe.settings import GenerationSettings
+from alignkit.recipe.settings.judge_text import DEFAULT_CONSTITUTION
 
 DEFAULT_CRITIQUE_REQUEST = ("Point out the specific ways in which your last answer falls short of these "
                             "principles: {constitution}")
@@ -71,8 +73,6 @@ class RevisionSettings:
     def __post_init__(self) -> None:
         from trl import SFTConfig
 
-        from alignkit import schema
-
         self.sft = schema.check_dict(SFTConfig, self.sft, "rlaif.revision.sft")
         for name in ("rounds",):
             if getattr(self, name) < 1:
@@ -106,8 +106,6 @@ class Revision:
 def critique_and_revise(model, tokenizer, prompts: Sequence[Messages], answers: Sequence[str],
                         settings: RevisionSettings) -> list[Revision]:
     """Critique and revise each answer to its prompt, ``settings.rounds`` times, with ``model``."""
-    from alignkit.generation import generate
-
     critique = settings.critique_request.format(constitution=settings.constitution)
     revise = settings.revision_request.format(constitution=settings.constitution)
     results = [Revision(prompt=list(p), answer=a, stopped=not a.strip())
@@ -117,13 +115,13 @@ def critique_and_revise(model, tokenizer, prompts: Sequence[Messages], answers: 
         if not active:
             break
         asked = [critique_conversation(r, critique) for r in active]
-        for r, text in zip(active, generate(model, tokenizer, asked, settings.generation)):
+        for r, text in zip(active, generation.generate(model, tokenizer, asked, settings.generation)):
             r.critiques.append(text)
             r.stopped = not text.strip()
         active = [r for r in active if not r.stopped]
         asked = [[*critique_conversation(r, critique), {"role": "assistant", "content": r.critiques[-1]},
                   {"role": "user", "content": revise}] for r in active]
-        for r, text in zip(active, generate(model, tokenizer, asked, settings.generation)):
+        for r, text in zip(active, generation.generate(model, tokenizer, asked, settings.generation)):
             r.revisions.append(text)
             r.stopped = not text.strip()
     return results

@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignkit import distributed
 from alignkit.feedback.base import JudgeStats, Messages, check_lengths, sigmoid
+from alignkit.models import modeling
+from alignkit.recipe.settings import ModelSettings, is_run_with_adapter
 
 
 @dataclass
@@ -32,10 +35,6 @@ class RewardModel:
     def load(cls, name_or_path: str | Path, batch_size: int = 32) -> RewardModel:
         """An ``rm`` run dir (base + adapter with its reward head, or a full model), or any local or hub
         sequence classifier with one label."""
-        # Imported here: alignkit.recipe imports this package for the judge settings of `evaluate:`.
-        from alignkit import modeling
-        from alignkit.recipe import ModelSettings, is_run_with_adapter
-
         settings = ModelSettings(name_or_path=str(name_or_path))
         path = modeling.resolve_path(settings.name_or_path)
         if is_run_with_adapter(path):
@@ -64,8 +63,6 @@ class RewardModel:
         rows it passed (``distributed.map_local``; the same rows everywhere are scored in shares). With
         ``ALIGNKIT_RECORD_SCORES=DIR`` set, every process appends what it scored to DIR/scores-<rank>.jsonl,
         to check on a cluster that each score belongs to its answer (docs/multi-gpu.md)."""
-        from alignkit import distributed
-
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
         # A model sharded across the processes (FSDP, ZeRO-3 after training) needs every process in every
@@ -130,9 +127,7 @@ def _record_scores(prompts: Sequence[Messages], answers: Sequence[str], scores: 
     directory = os.environ.get(RECORD_SCORES_ENV)
     if not directory:
         return
-    from alignkit.distributed import process_index
-
-    path = Path(directory) / f"scores-{process_index()}.jsonl"
+    path = Path(directory) / f"scores-{distributed.process_index()}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as out:
         for prompt, answer, score in zip(prompts, answers, scores, strict=True):

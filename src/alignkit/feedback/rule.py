@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignkit.feedback.base import JudgeStats, Messages, check_lengths, sigmoid
+from alignkit.feedback.rewards import load_reward_functions
+from alignkit.recipe.settings.reward import RewardSettings, RewardSource
 
 
 @dataclass
@@ -36,8 +38,6 @@ class RuleJudge:
     def from_path(cls, path: str, temperature: float | None = None) -> RuleJudge:
         """The judge of the reward function named ``module:function``, imported and checked as a ``reward:``
         source is (a RecipeError naming what is missing, with a did-you-mean)."""
-        from alignkit.rewards import RewardSettings, RewardSource, load_reward_functions
-
         [function] = load_reward_functions(RewardSettings(sources=[RewardSource(function=path)]))
         return cls(function=function, temperature=temperature)
 

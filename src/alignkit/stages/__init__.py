@@ -1,7 +1,10 @@
 """The stage registry: ``alignkit <stage> RECIPE`` looks the stage up here by name.
 
 A stage module defines ``STAGE = Stage(...)``: its TRL config class (for the ``train`` section), any
-recipe sections of its own, and ``run(recipe, run_dir) -> metrics``. Adding a stage is one line below.
+recipe sections of its own, its data, ``run(recipe, run_dir) -> metrics`` and what the planner, merge and
+the launch check need to know about it. ``Stage`` is the only description of a stage: the CLI, recipe
+validation, the planner, merge and ``training.check_launch`` all ask it, and the Makefile's ``STAGES`` list
+is kept equal to ``STAGES`` below by a test. Adding a stage is its module plus one line below.
 """
 
 from __future__ import annotations
@@ -52,6 +55,25 @@ class Stage:
     # without evaluation; rlaif's revision step runs SFT): ``train_configs(recipe)`` lists them as
     # (recipe key, config class, values). Validation builds each, so what a config refuses fails there.
     train_configs: Callable[[Any], list[tuple[str, type, dict[str, Any]]]] | None = None
+    # ``load_data(recipe.data) -> PreparedData``: the loader the stage trains on (the planner counts its rows).
+    load_data: Callable[[Any], Any] | None = None
+    # ---- what the memory planner, merge and the launch check know about the stage ---------------------------
+    trains: bool = True  # False for a stage that trains nothing (eval): there is no training run to plan
+    head: Literal["causal_lm", "reward"] = "causal_lm"  # the model the run trains and merge loads back
+    sequences_per_row: int = 1  # what one row puts through the model: 2 for preference pairs (chosen, rejected)
+    fused_head: bool = False  # TRL's SFT trainer computes its loss with the fused (chunked) output layer
+    # The models the stage holds besides the trained one: a frozen reference for a full fine-tune (an adapter
+    # is disabled instead), or PPO's critic and reference.
+    extra_models: Literal["none", "reference", "critic_and_reference"] = "none"
+    # Which rows the stage's TRL trainer drops for ``train.max_length`` (training.DROPPED_FOR_LENGTH):
+    # "conversation" (rm: chosen or rejected, whole, must fit), "first_answer" (sft: the prompt before the
+    # first answer leaves no answer token), "prompt" (dpo, kto: the prompt alone fills it), or None.
+    dropped_for_length: Literal["conversation", "first_answer", "prompt"] | None = None
+    # False for a stage that runs only under DDP (PPO keeps whole models on every process and averages
+    # gradients itself): FSDP / DeepSpeed launches are refused, and the planner offers no sharded launch.
+    sharded_launch: bool = True
+    # Whether the planner offers QLoRA as a fix for a recipe that already trains an adapter (not for PPO).
+    plan_offers_qlora: bool = True
 
     def config_class(self, raw: dict[str, Any]) -> type:
         """The TRL config class of the ``train`` section of the raw recipe ``raw``."""

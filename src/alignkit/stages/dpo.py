@@ -12,19 +12,12 @@ from functools import partial
 
 from trl import DPOConfig, DPOTrainer
 
-from alignkit import training
 from alignkit.data import load_preference_data
-from alignkit.errors import RecipeError
 from alignkit.evaluation import evaluate_preference_policy
-from alignkit.recipe import Recipe
-from alignkit.runs import RunDir
-from alignkit.stages import Stage
-from alignkit.suggest import did_you_mean
-
-# The loss types of TRL 1.16's DPOTrainer (its DPOConfig docs); TRL itself only rejects an unknown one at
-# the first training step, after the model has loaded.
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+from alignkit.recipe.loading import Recipe
+from alignkit.runs.rundir import RunDir
+from alignkit.stages import Stage, training
+from alignkit.stages.preference import check_dpo_train
 
 EVAL_NAMES = {"eval_rewards/accuracies": "dpo/reward_accuracy", "eval_rewards/margins": "dpo/margin",
               "eval_rewards/chosen": "dpo/reward_chosen", "eval_rewards/rejected": "dpo/reward_rejected"}
@@ -36,14 +29,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict:
     return fitted.metrics | evaluate_preference_policy(recipe, run_dir.path, fitted, "dpo")
 
 
-def check_train(train: dict) -> None:
-    """Every ``train.loss_type`` must be one TRL knows."""
-    loss_types = train.get("loss_type") or []
-    for name in [loss_types] if isinstance(loss_types, str) else loss_types:
-        if name not in LOSS_TYPES:
-            raise RecipeError(f"train.loss_type: unknown DPO loss '{name}'.{did_you_mean(name, LOSS_TYPES)} "
-                              f"Loss types: {', '.join(LOSS_TYPES)}")
-
-
 STAGE = Stage(name="dpo", help="Direct preference optimisation (TRL DPOTrainer)", train_config=lambda: DPOConfig,
-              run=run, check_train=check_train, rows="preference")
+              run=run, check_train=check_dpo_train, rows="preference",
+              load_data=partial(load_preference_data, kind="pairs"), sequences_per_row=2, extra_models="reference",
+              dropped_for_length="prompt")

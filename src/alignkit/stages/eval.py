@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from alignkit import modeling
 from alignkit.data import load_sft_data
 from alignkit.evaluation import evaluate_and_report
-from alignkit.recipe import EvaluateSettings, Recipe
-from alignkit.runs import RunDir
+from alignkit.models import modeling
+from alignkit.recipe.loading import Recipe
+from alignkit.recipe.settings import EvaluateSettings
+from alignkit.runs.rundir import RunDir
 from alignkit.stages import Stage
 
 
@@ -39,4 +40,5 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict:
 
 
 STAGE = Stage(name="eval", help="Evaluate a model or run dir by generation (ROUGE, BLEU, chrF, exact match)",
-              train_config=lambda: EvalRunSettings, run=run, required_data=("eval",))
+              train_config=lambda: EvalRunSettings, run=run, required_data=("eval",),
+              load_data=load_sft_data, trains=False)

@@ -21,9 +21,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from alignkit import distributed, modeling
-from alignkit.recipe import GenerationSettings, ModelSettings, Recipe
-from alignkit.runs import RunDir
+from alignkit import distributed, generation
+from alignkit.models import modeling
+from alignkit.recipe.loading import Recipe
+from alignkit.recipe.settings import GenerationSettings, ModelSettings
+from alignkit.runs.rundir import RunDir
 from alignkit.stages.rl_common import eval_generation
 
 logger = logging.getLogger(__name__)
@@ -52,12 +54,10 @@ def sample_answers(settings: ModelSettings, rows, repeats: int,
                    generation: GenerationSettings) -> tuple[list, list[str], dict[str, list]]:
     """``repeats`` sampled answers to each prompt of ``rows`` (prompt-only rows) from the model ``settings``
     describe: (prompts, answers, other columns), each prompt repeated ``repeats`` times in a row."""
-    from alignkit.generation import generate
-
     prompts = [prompt for prompt in rows["prompt"] for _ in range(repeats)]
     columns = {name: [value for value in values for _ in range(repeats)] for name, values in columns_of(rows).items()}
     model, tokenizer = modeling.load_for_inference(settings)
-    answers = generate(model, tokenizer, prompts, generation)
+    answers = generation.generate(model, tokenizer, prompts, generation)
     del model
     return prompts, answers, columns
 
@@ -66,12 +66,10 @@ def held_out_mean_reward(model, tokenizer, rows, reward, recipe: Recipe, max_new
     """Mean ``reward(prompts, answers, columns)`` of ``model``'s answers to the held-out prompt ``rows``,
     generated as ``evaluate.generation`` says (else greedily, up to ``max_new_tokens``); None without rows or
     without a reward."""
-    from alignkit.generation import generate
-
     if rows is None or len(rows) == 0 or reward is None:
         return None
     prompts = list(rows["prompt"])
-    answers = generate(model, tokenizer, prompts, eval_generation(recipe, max_new_tokens))
+    answers = generation.generate(model, tokenizer, prompts, eval_generation(recipe, max_new_tokens))
     return mean(reward(prompts, answers, columns_of(rows)))
 
 
@@ -90,24 +88,36 @@ def read_jsonl(path: Path) -> list[Any]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def save_loop_state(run_dir: RunDir, step: int, state: dict[str, Any], log_file: str) -> None:
-    """Record step ``step``: its log entry (``state['history'][-1]``) appended to ``log_file``, then
+@dataclasses.dataclass
+class LoopState:
+    """Where the loop of an iterative stage (rest, rlaif) stands after a complete step; saved as
+    ``checkpoint-<step>/trainer_state.json``, from which an interrupted run resumes."""
+
+    completed: int = 0  # steps complete: ReST's improve steps, RLAIF's iterations (0: only its revision step)
+    policy: str | None = None  # run dir of the current policy; None: the recipe's model, untrained
+    eval_reward_start: float | None = None  # held-out reward before the first step (None: no held-out data)
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # each step's log entry, in order
+
+
+def save_loop_state(run_dir: RunDir, step: int, state: LoopState, log_file: str) -> None:
+    """Record step ``step``: its log entry (``state.history[-1]``) appended to ``log_file``, then
     ``checkpoint-<step>/trainer_state.json``, written last because it marks the step complete."""
     if distributed.is_main_process():
         with (run_dir.path / log_file).open("a") as log:
-            log.write(json.dumps(state["history"][-1]) + "\n")
-    distributed.write_text(run_dir.path / f"checkpoint-{step}" / STATE_FILE, json.dumps(state, indent=1))
+            log.write(json.dumps(state.history[-1]) + "\n")
+    distributed.write_text(run_dir.path / f"checkpoint-{step}" / STATE_FILE,
+                           json.dumps(dataclasses.asdict(state), indent=1))
 
 
-def load_loop_state(run_dir: RunDir, log_file: str, stage: str, step_name: str) -> dict[str, Any] | None:
+def load_loop_state(run_dir: RunDir, log_file: str, stage: str, step_name: str) -> LoopState | None:
     """The state of the last complete step of an interrupted run (None for a new run), logged as "<stage>:
     resuming after <step_name> <k>"; the step log is rewritten to hold exactly the steps the resumed run
     stands on."""
     if run_dir.resume_from is None:
         return None
-    state = json.loads((run_dir.resume_from / STATE_FILE).read_text())
-    logger.info("%s: resuming after %s %d", stage, step_name, state["completed"])
-    distributed.write_text(run_dir.path / log_file, "".join(json.dumps(entry) + "\n" for entry in state["history"]))
+    state = LoopState(**json.loads((run_dir.resume_from / STATE_FILE).read_text()))
+    logger.info("%s: resuming after %s %d", stage, step_name, state.completed)
+    distributed.write_text(run_dir.path / log_file, "".join(json.dumps(entry) + "\n" for entry in state.history))
     return state
 
 

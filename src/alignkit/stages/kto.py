@@ -11,12 +11,11 @@ from functools import partial
 
 from trl import KTOConfig, KTOTrainer
 
-from alignkit import training
 from alignkit.data import load_preference_data
 from alignkit.evaluation import evaluate_preference_policy
-from alignkit.recipe import Recipe
-from alignkit.runs import RunDir
-from alignkit.stages import Stage
+from alignkit.recipe.loading import Recipe
+from alignkit.runs.rundir import RunDir
+from alignkit.stages import Stage, training
 
 EVAL_NAMES = {"eval_rewards/margins": "kto/margin", "eval_rewards/chosen": "kto/reward_desirable",
               "eval_rewards/rejected": "kto/reward_undesirable", "eval_kl": "kto/kl"}
@@ -29,4 +28,6 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict:
 
 
 STAGE = Stage(name="kto", help="Kahneman-Tversky optimisation on unpaired feedback (TRL KTOTrainer)",
-              train_config=lambda: KTOConfig, run=run, rows="preference")
+              train_config=lambda: KTOConfig, run=run, rows="preference",
+              load_data=partial(load_preference_data, kind="unpaired"), extra_models="reference",
+              dropped_for_length="prompt")

@@ -9,12 +9,11 @@ from __future__ import annotations
 import os
 from functools import partial
 
-from alignkit import training
 from alignkit.data import load_preference_data
 from alignkit.evaluation import evaluate_preference_policy
-from alignkit.recipe import Recipe
-from alignkit.runs import RunDir
-from alignkit.stages import Stage
+from alignkit.recipe.loading import Recipe
+from alignkit.runs.rundir import RunDir
+from alignkit.stages import Stage, training
 
 EVAL_NAMES = {"eval_rewards/accuracies": "orpo/reward_accuracy", "eval_rewards/margins": "orpo/margin",
               "eval_log_odds_ratio": "orpo/log_odds_ratio"}
@@ -36,4 +35,5 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict:
 
 
 STAGE = Stage(name="orpo", help="Odds-ratio preference optimisation (trl.experimental ORPOTrainer)",
-              train_config=lambda: _orpo()[0], run=run, rows="preference")
+              train_config=lambda: _orpo()[0], run=run, rows="preference",
+              load_data=partial(load_preference_data, kind="pairs"), sequences_per_row=2)

@@ -28,13 +28,14 @@ import logging
 from functools import partial
 from typing import Any
 
-from alignkit import training
+from alignkit import generation
 from alignkit.data import PreparedData, load_prompt_data
 from alignkit.errors import RecipeError
-from alignkit.recipe import GenerationSettings, Recipe
-from alignkit.rewards import RewardFunction, RewardSettings, load_reward_functions, shared_reward
-from alignkit.runs import RunDir
-from alignkit.stages import Stage
+from alignkit.feedback.rewards import RewardFunction, load_reward_functions, shared_reward
+from alignkit.recipe.loading import Recipe
+from alignkit.recipe.settings import GenerationSettings, RewardSettings
+from alignkit.runs.rundir import RunDir
+from alignkit.stages import Stage, training
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def make_stage(name: str, description: str, config_class: type, trainer_class: t
     return Stage(name=name, help=description, train_config=lambda: config_class,
                  run=partial(run, stage=name, config_class=config_class, trainer_class=trainer_class),
                  sections={"reward": RewardSettings}, required_sections=("reward",), check_train=check_train,
-                 rows="prompt")
+                 rows="prompt", load_data=load_prompt_data)
 
 
 def check_train(train: dict[str, Any]) -> None:
@@ -105,13 +106,11 @@ def held_out_reward(model, tokenizer, dataset, args, *, recipe: Recipe, function
                     weights: list[float]) -> float | None:
     """Mean weighted reward of ``model``'s answers to the held-out prompts; None without held-out data. Every
     process holds the same prompts and (gathered) answers, so each scores its share of them."""
-    from alignkit.generation import generate
-
     rows = held_out_prompts(dataset, recipe)
     if rows is None or len(rows) == 0:
         return None
     prompts = list(rows["prompt"])
-    completions = generate(model, tokenizer, prompts, eval_generation(recipe, args.max_completion_length))
+    completions = generation.generate(model, tokenizer, prompts, eval_generation(recipe, args.max_completion_length))
     columns = {name: list(rows[name]) for name in rows.column_names if name != "prompt"}
     rewards = shared_reward(functions, weights)(prompts, completions, columns)
     return sum(rewards) / len(rewards)

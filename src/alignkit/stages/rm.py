@@ -12,13 +12,12 @@ from functools import partial
 
 from trl import RewardConfig, RewardTrainer
 
-from alignkit import training
 from alignkit.data import load_preference_data
-from alignkit.errors import RecipeError
 from alignkit.feedback import RewardModel
-from alignkit.recipe import Recipe, is_run_with_adapter
-from alignkit.runs import RunDir
-from alignkit.stages import Stage
+from alignkit.recipe.loading import Recipe
+from alignkit.runs.rundir import RunDir
+from alignkit.stages import Stage, training
+from alignkit.stages.preference import check_starts_new_head
 
 
 def run(recipe: Recipe, run_dir: RunDir) -> dict:
@@ -44,14 +43,6 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict:
     return fitted.metrics | held_out_accuracy(fitted.trainer, fitted.tokenizer, fitted.data.eval)
 
 
-def check_starts_new_head(recipe: Recipe, who: str) -> None:
-    """A reward model starts a new reward head: a language-model adapter has none to continue, so a run dir
-    with an adapter must be merged into its base (RecipeError otherwise, naming ``who``)."""
-    if is_run_with_adapter(recipe.model.name_or_path) and recipe.model.run_adapter == "continue":
-        raise RecipeError(f"{who} starts a new reward head: to start from a run dir with an adapter, set "
-                          "model.run_adapter: merge (and give the reward model its own adapter section)")
-
-
 def pair_accuracy(scorer: RewardModel, pairs) -> dict[str, float]:
     """``rm/accuracy`` (share of pairs whose chosen answer scores higher) and ``rm/margin`` (mean difference)."""
     prompts = pairs["prompt"]
@@ -68,4 +59,6 @@ def pair_accuracy(scorer: RewardModel, pairs) -> dict[str, float]:
 
 
 STAGE = Stage(name="rm", help="Reward modelling on preference pairs (TRL RewardTrainer)",
-              train_config=lambda: RewardConfig, run=run, rows="preference")
+              train_config=lambda: RewardConfig, run=run, rows="preference",
+              load_data=partial(load_preference_data, kind="pairs"), head="reward", sequences_per_row=2,
+              dropped_for_length="conversation")

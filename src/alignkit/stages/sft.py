@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from trl import SFTConfig, SFTTrainer
 
-from alignkit import training
 from alignkit.data import load_sft_data
 from alignkit.evaluation import evaluate_and_report
-from alignkit.recipe import Recipe
-from alignkit.runs import RunDir
-from alignkit.stages import Stage
+from alignkit.recipe.loading import Recipe
+from alignkit.runs.rundir import RunDir
+from alignkit.stages import Stage, training
 
 
 def run(recipe: Recipe, run_dir: RunDir) -> dict:
@@ -28,4 +27,5 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict:
     return metrics
 
 
-STAGE = Stage(name="sft", help="Supervised fine-tuning (TRL SFTTrainer)", train_config=lambda: SFTConfig, run=run)
+STAGE = Stage(name="sft", help="Supervised fine-tuning (TRL SFTTrainer)", train_config=lambda: SFTConfig, run=run,
+              load_data=load_sft_data, fused_head=True, dropped_for_length="first_answer")

@@ -15,7 +15,7 @@ gradients and 8 of optimizer state per parameter, plus activations. Every term i
                paged optimizers the same sizes, in memory the driver may page out to the CPU; Adafactor its
                factored row and column statistics; SGD none.
   activations  what autograd saves in one forward pass, traced on the meta device for the real batch shape
-               (``alignkit.activations``); with activation checkpointing each layer's input plus one layer.
+               (``alignkit.plan.activations``); with activation checkpointing each layer's input plus one layer.
   workspace    the largest short-lived allocation on top of the activations: the output layer's (a fused,
                tiled log-softmax in TRL's SFT; full logits and their log-softmax in the other stages), or a
                layer's backward.

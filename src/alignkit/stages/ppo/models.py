@@ -24,9 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignkit import modeling
 from alignkit.errors import RecipeError
-from alignkit.recipe import ModelSettings, Recipe, is_run_with_adapter
+from alignkit.models import modeling
+from alignkit.recipe.loading import Recipe
+from alignkit.recipe.settings import ModelSettings, is_run_with_adapter
+from alignkit.stages import training
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +129,6 @@ class ActorCritic:
 
 def build_actor_critic(recipe: Recipe, args, reward_functions) -> tuple[ActorCritic, Any]:
     """(ActorCritic, tokenizer) for the recipe's policy, reference and critic, on this process's device."""
-    from alignkit import training
-
     model, tokenizer, peft_config = training.load_model_and_tokenizer(recipe, args)
     if peft_config is not None:
         from peft import get_peft_model

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from alignkit.errors import AlignkitError
+from alignkit.recipe.loading import load_raw, load_recipe
 from alignkit.suggest import did_you_mean
 
 
@@ -40,19 +41,18 @@ def library_dir() -> Path:
         if not Path(configured).is_dir():
             raise AlignkitError(f"ALIGNKIT_RECIPES={configured} is not a directory: point it at a recipes/ folder")
         return Path(configured)
-    here = Path(__file__).resolve().parent
-    for path in (here / "recipes", here.parents[1] / "recipes"):  # installed wheel, then src/alignkit -> checkout
+    package = Path(__file__).resolve().parents[1]  # alignkit/, this module being alignkit/recipe/library.py
+    # The installed wheel's copy (setup.py puts recipes/ into the package), then a checkout's src/alignkit.
+    for path in (package / "recipes", package.parents[1] / "recipes"):
         if path.is_dir():
             return path
-    raise AlignkitError(f"no recipe library: this alignkit install has no {here / 'recipes'} and does not run from "
+    raise AlignkitError(f"no recipe library: this alignkit install has no {package / 'recipes'} and does not run from "
                         "a source checkout; reinstall it from a wheel or a checkout (pip install .), or set "
                         "ALIGNKIT_RECIPES to the recipes/ folder of an alignkit checkout")
 
 
 def shipped_recipes(root: Path | None = None) -> list[ShippedRecipe]:
     """Every recipe of the library (``_base`` parts left out), sorted by name."""
-    from alignkit.recipe import load_raw
-
     root = root or library_dir()
     found = []
     for path in sorted(root.rglob("*.yaml")):
@@ -79,8 +79,6 @@ def find(name: str, root: Path | None = None) -> ShippedRecipe:
 def copy_recipe(name: str, destination: Path, *, overwrite: bool = False, root: Path | None = None) -> Path:
     """Write the library recipe ``name`` to ``destination`` as one standalone file (its ``extends`` merged
     in, its header comments kept) and check that the copy validates. Returns the path written."""
-    from alignkit.recipe import load_raw, load_recipe
-
     recipe = find(name, root)
     destination = Path(destination)
     if destination.is_dir():

@@ -11,11 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignkit import adapters, distributed, modeling, reports
+from alignkit import distributed
 from alignkit.data import PreparedData
 from alignkit.errors import DataError, RecipeError
-from alignkit.recipe import QUANTISED_FULL_FINE_TUNE, Recipe, is_run_with_adapter
-from alignkit.runs import RunDir, open_run_dir
+from alignkit.models import adapters, modeling
+from alignkit.recipe.loading import QUANTISED_FULL_FINE_TUNE, Recipe
+from alignkit.recipe.settings import is_run_with_adapter
+from alignkit.runs import reports
+from alignkit.runs.rundir import RunDir, open_run_dir
 from alignkit.stages import get_stage
 
 logger = logging.getLogger(__name__)
@@ -23,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 def run_stage(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     """Claim the run dir (locked while the stage runs), run the recipe's stage, write ``metrics.json`` and mark
-    the run complete; a run that fails or is interrupted is marked so (see :func:`alignkit.runs.open_run_dir`)."""
+    the run complete; a run that fails or is interrupted is marked so (see
+    :func:`alignkit.runs.rundir.open_run_dir`)."""
     stage = get_stage(recipe.stage)
     check_launch(recipe)
     with open_run_dir(recipe, overwrite=overwrite, resume=resume) as run:
@@ -43,10 +47,10 @@ def check_launch(recipe: Recipe) -> None:
     sharding = "FSDP" if distributed.uses_fsdp() else "DeepSpeed" if distributed.uses_deepspeed() else None
     if sharding is None:
         return
-    if recipe.stage == "ppo":
-        raise RecipeError(f"the accelerate config asks for {sharding}, but alignkit's PPO keeps a whole copy of its "
-                          "models on every process and averages gradients itself (DDP); launch it with "
-                          "accelerate_configs/ddp.yaml, with QLoRA for large models")
+    if not get_stage(recipe.stage).sharded_launch:
+        raise RecipeError(f"the accelerate config asks for {sharding}, but alignkit's {recipe.stage.upper()} keeps a "
+                          "whole copy of its models on every process and averages gradients itself (DDP); launch "
+                          "it with accelerate_configs/ddp.yaml, with QLoRA for large models")
     if not torch.cuda.is_available():
         # accelerate picks FSDP / ZeRO only for GPU-class devices; on CPUs it would quietly run plain DDP.
         raise RecipeError(f"the accelerate config asks for {sharding}, which accelerate runs on GPUs only and this "

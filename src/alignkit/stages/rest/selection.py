@@ -21,8 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from alignkit.feedback.settings import JudgeSettings
-from alignkit.recipe import GenerationSettings
+from alignkit.recipe.settings import GenerationSettings, JudgeSettings
 
 
 def _sampling() -> GenerationSettings:

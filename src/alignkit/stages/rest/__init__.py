@@ -16,6 +16,9 @@ improve step, and inside an improve step from the SFT trainer's last checkpoint.
 metrics.json: ``rest/eval_reward_start`` and ``rest/eval_reward_end`` (greedy answers to the held-out
 prompts, before and after), ``rest/sample_reward_start`` and ``_end`` (mean reward of the first and last
 grow steps' samples), ``rest/kept_fraction_end``; every improve step's figures are in ``rest_log.jsonl``.
+
+The ``rest:`` section and the sample filters are in ``selection``; what ReST shares with RLAIF (sampling,
+loop state and resume) in :mod:`alignkit.stages.iterative`.
 """
 
 from __future__ import annotations
@@ -28,16 +31,18 @@ from typing import Any
 
 from trl import SFTConfig, SFTTrainer
 
-from alignkit import modeling, training
 from alignkit.data import load_prompt_data, load_sft_data
 from alignkit.errors import RecipeError
-from alignkit.feedback import LazyJudge
-from alignkit.recipe import DataSettings, DataSource, Recipe
-from alignkit.rest import RestSettings, Sample, keep_samples
-from alignkit.rewards import RewardSettings, monitoring_reward
-from alignkit.runs import RunDir, last_checkpoint
-from alignkit.stages import Stage
+from alignkit.feedback import LazyJudge, round_robin_scores
+from alignkit.feedback.rewards import monitoring_reward
+from alignkit.models import modeling
+from alignkit.recipe.loading import Recipe
+from alignkit.recipe.settings import DataSettings, DataSource, RewardSettings
+from alignkit.runs.reports import write_history
+from alignkit.runs.rundir import RunDir, last_checkpoint
+from alignkit.stages import Stage, training
 from alignkit.stages.iterative import (
+    LoopState,
     adopt_final_model,
     draw_prompts,
     held_out_mean_reward,
@@ -49,6 +54,7 @@ from alignkit.stages.iterative import (
     save_loop_state,
     write_jsonl,
 )
+from alignkit.stages.rest.selection import RestSettings, Sample, keep_samples
 from alignkit.stages.rl_common import held_out_prompts
 
 logger = logging.getLogger(__name__)
@@ -71,20 +77,20 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     state = load_loop_state(run_dir, LOG_FILE, "rest", "improve step")
     if state is None:
         model, tokenizer = modeling.load_for_inference(recipe.model)
-        state = {"completed": 0, "policy": None, "eval_reward_start": held_out_reward(model, tokenizer), "history": []}
+        state = LoopState(eval_reward_start=held_out_reward(model, tokenizer))
         del model
-    step = state["completed"]
+    step = state.completed
     for grow in range(1, settings.grow_steps + 1):
         if grow * settings.improve_steps <= step:
             continue  # this grow step and all its improve steps were done before an interruption
-        samples = _grow(recipe, settings, run_dir, grow, state["policy"], data.train, score)
+        samples = _grow(recipe, settings, run_dir, grow, state.policy, data.train, score)
         for improve in range(1, settings.improve_steps + 1):
             if step >= (grow - 1) * settings.improve_steps + improve:
                 continue
             step += 1
-            entry, policy = _improve(recipe, settings, run_dir, step, grow, improve, samples, state["policy"],
+            entry, policy = _improve(recipe, settings, run_dir, step, grow, improve, samples, state.policy,
                                      held_out_reward)
-            state = {**state, "completed": step, "policy": policy, "history": [*state["history"], entry]}
+            state = dataclasses.replace(state, completed=step, policy=policy, history=[*state.history, entry])
             save_loop_state(run_dir, step, state, LOG_FILE)
     return _finish(recipe, run_dir, state)
 
@@ -92,8 +98,6 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
 def _judge_scorer(settings: RestSettings):
     """``score(prompts, answers, columns)`` from ``rest.judge``: each sample's mean preference over its prompt's
     other samples. The judge loads on first use (a resumed run whose samples are scored never loads it)."""
-    from alignkit.feedback import round_robin_scores
-
     judge = LazyJudge(settings.judge)
 
     def score(prompts: list, answers: list[str], columns: dict[str, list]) -> list[float]:
@@ -171,17 +175,15 @@ def improve_train(train: dict[str, Any]) -> dict[str, Any]:
 
 # ---- state, resume and results ------------------------------------------------------------------------------
 
-def _finish(recipe: Recipe, run_dir: RunDir, state: dict[str, Any]) -> dict[str, Any]:
-    from alignkit.reports import write_history
-
-    history = state["history"]
-    if state["policy"] is None:
+def _finish(recipe: Recipe, run_dir: RunDir, state: LoopState) -> dict[str, Any]:
+    history = state.history
+    if state.policy is None:
         raise RecipeError("rest: no improve step kept any sample, so nothing was trained; lower rest.thresholds "
                           "(or rest.min_reward) or sample more (rest.samples_per_prompt)")
-    adopt_final_model(run_dir, Path(state["policy"]), keep_out=(KEPT_FILE,))
+    adopt_final_model(run_dir, Path(state.policy), keep_out=(KEPT_FILE,))
     evaluated = [e for e in history if e.get("eval_reward") is not None]
     # The report's curves: per improve step, the mean sample reward and the held-out reward (also before step 1).
-    start = [{"step": 0, "eval_reward": state["eval_reward_start"]}] if state["eval_reward_start"] is not None else []
+    start = [{"step": 0, "eval_reward": state.eval_reward_start}] if state.eval_reward_start is not None else []
     write_history(run_dir.path, [*start, *history])
     metrics: dict[str, Any] = {
         "rest/improve_steps": len(history),
@@ -189,13 +191,13 @@ def _finish(recipe: Recipe, run_dir: RunDir, state: dict[str, Any]) -> dict[str,
         "rest/sample_reward_end": history[-1]["sample_reward"],
         "rest/kept_fraction_end": history[-1]["kept_fraction"],
     }
-    if state["eval_reward_start"] is not None and evaluated:
-        metrics["rest/eval_reward_start"] = state["eval_reward_start"]
+    if state.eval_reward_start is not None and evaluated:
+        metrics["rest/eval_reward_start"] = state.eval_reward_start
         metrics["rest/eval_reward_end"] = evaluated[-1]["eval_reward"]
     return metrics
 
 
 STAGE = Stage(name="rest", help="ReST / best-of-N: sample, keep the best answers, fine-tune (TRL SFTTrainer)",
               train_config=lambda: SFTConfig, run=run, sections={"reward": RewardSettings, "rest": RestSettings},
-              required_sections=("rest",), rows="prompt",
+              required_sections=("rest",), rows="prompt", load_data=load_prompt_data, fused_head=True,
               train_configs=lambda recipe: [("train", SFTConfig, improve_train(recipe.train))])

@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from alignkit.feedback.revision import RevisionSettings
-from alignkit.feedback.settings import JudgeSettings
-from alignkit.recipe import GenerationSettings
+from alignkit.recipe.settings import GenerationSettings, JudgeSettings
 
 
 def _sampling() -> GenerationSettings:

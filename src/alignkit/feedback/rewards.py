@@ -24,62 +24,15 @@ import importlib
 import inspect
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
+from alignkit.distributed import map_shared
 from alignkit.errors import RecipeError
+from alignkit.feedback.reward_model import RewardModel
+from alignkit.recipe.settings.reward import RewardSettings
+from alignkit.suggest import did_you_mean
 
 RewardFunction = Callable[..., list[float]]
-
-# module.path:attribute (the attribute may be dotted, e.g. a method of a class in the module)
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-
-
-@dataclass
-class RewardSource:
-    """One reward: a reward model or a rule function, with its weight in the sum."""
-
-    model: str | None = field(
-        default=None,
-        metadata={"help": "Reward model scoring (prompt, answer): an rm run dir, a local directory or a hub id of a "
-                  "sequence classifier with one label."},
-    )
-    function: str | None = field(
-        default=None,
-        metadata={"help": "A rule reward by import path, module:function (e.g. alignkit.demo.rewards:reversal_reward), "
-                  "called as f(prompts, completions, **columns) -> list of floats, TRL's reward-function signature."},
-    )
-    weight: float = field(default=1.0, metadata={"help": "Weight of this source in the summed reward."})
-    batch_size: int = field(default=32, metadata={"help": "Answers scored per forward pass (reward models)."})
-
-    def __post_init__(self) -> None:
-        if (self.model is None) == (self.function is None):
-            raise ValueError("give exactly one of 'model' (a reward model) or 'function' (module:function)")
-        if self.function is not None and not _IMPORT_PATH.match(self.function):
-            raise ValueError(f"function '{self.function}' is not an import path of the form module:function "
-                             "(e.g. alignkit.demo.rewards:reversal_reward)")
-
-    @property
-    def name(self) -> str:
-        return self.function.rsplit(":", 1)[1] if self.function else f"reward_model({self.model})"
-
-
-@dataclass
-class RewardSettings:
-    """The reward of the RL stages: the weighted sum of its sources."""
-
-    sources: list[RewardSource] = field(
-        default_factory=list, metadata={"help": "Reward models and rule functions; the reward is their weighted sum."}
-    )
-
-    def __post_init__(self) -> None:
-        if not self.sources:
-            raise ValueError("give at least one source, e.g. sources: [{function: module:function}]")
-
-    @property
-    def weights(self) -> list[float]:
-        return [source.weight for source in self.sources]
-
 
 def import_function(path: str) -> RewardFunction:
     """The callable named by ``module:attribute``; an error naming what is missing otherwise."""
@@ -91,8 +44,6 @@ def import_function(path: str) -> RewardFunction:
     for part in attribute.split("."):
         if not hasattr(target, part):
             public = [name for name in dir(target) if not name.startswith("_")]
-            from alignkit.suggest import did_you_mean
-
             raise RecipeError(f"reward function '{path}': '{module_name}' has no '{attribute}'."
                               f"{did_you_mean(part, public)}")
         target = getattr(target, part)
@@ -104,8 +55,6 @@ def import_function(path: str) -> RewardFunction:
 def reward_model_function(path: str, batch_size: int = 32) -> RewardFunction:
     """A reward function scoring each (prompt, answer) with the reward model at ``path``: the scores of the
     rows this process passes, whatever the other processes pass (``RewardModel.score``)."""
-    from alignkit.feedback import RewardModel
-
     scorer = RewardModel.load(path, batch_size=batch_size)
 
     def score(prompts: Sequence, completions: Sequence, **_columns) -> list[float]:
@@ -152,8 +101,6 @@ def shared_reward(functions: Sequence[RewardFunction], weights: Sequence[float])
     """``reward(prompts, completions, columns) -> rewards``, the weighted sum of ``functions``, for rows that every
     process passes alike (held-out answers, gathered samples): each process scores its block of them and all
     get every reward (``distributed.map_shared``, which refuses rows that differ between processes)."""
-    from alignkit.distributed import map_shared
-
     def reward(prompts: list, completions: list[str], columns: dict[str, list]) -> list[float]:
         names = list(columns)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import warnings
 
-from alignkit import memory, planner
 from alignkit.errors import AlignkitError
-from alignkit.memory import format_size
-from alignkit.recipe import Recipe
+from alignkit.plan import memory, planner
+from alignkit.plan.memory import format_size
+from alignkit.recipe.loading import Recipe
 
 
 def run_plan(args, recipe: Recipe) -> int:

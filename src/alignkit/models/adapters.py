@@ -13,8 +13,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from alignkit import schema
 from alignkit.errors import RecipeError
+from alignkit.recipe import schema
 from alignkit.suggest import did_you_mean
 
 # method -> peft config class (module, name), imported only when used.

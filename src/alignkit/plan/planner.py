@@ -15,9 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignkit import activations, adapters, memory, modeling
+from alignkit.data import sources
 from alignkit.errors import AlignkitError
-from alignkit.recipe import ModelSettings, Recipe, is_run_with_adapter
+from alignkit.models import adapters, modeling
+from alignkit.plan import activations, memory
+from alignkit.recipe.loading import Recipe, load_raw, load_recipe
+from alignkit.recipe.settings import ModelSettings, QuantizationSettings, is_future_run, is_run_with_adapter
+from alignkit.stages import get_stage, training
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +92,6 @@ def _quantizable_weights(model) -> int:
 
 # ---- memory ---------------------------------------------------------------------------------------------
 
-# What each stage runs through the model per row: preference stages put chosen and rejected in one batch;
-# TRL's SFT uses its fused output layer; reward models end in a scalar head; the rest build full logits.
-PAIRED_STAGES = ("dpo", "orpo", "rm")
-REWARD_HEAD_STAGES = ("rm",)
-FUSED_HEAD_STAGES = ("sft", "rest")
-REFERENCE_MODEL_STAGES = ("dpo", "kto")  # a frozen copy for a full fine-tune (an adapter is disabled instead)
-
 
 @dataclass
 class Plan:
@@ -120,9 +117,6 @@ def training_config(recipe: Recipe):
     activation checkpointing unless the recipe says otherwise), without touching a device."""
     import tempfile
 
-    from alignkit import training
-    from alignkit.stages import get_stage
-
     config_class = get_stage(recipe.stage).config_class(recipe.to_dict())
     values = dict(recipe.train)
     if "use_cpu" in {f.name for f in dataclasses.fields(config_class)}:
@@ -132,7 +126,9 @@ def training_config(recipe: Recipe):
 
 
 def training_shape(recipe: Recipe, args) -> memory.Shape:
-    """The memory-relevant options of the resolved TRL config ``args``."""
+    """The memory-relevant options of the resolved TRL config ``args``; what the stage runs through the model
+    per row (pairs, the fused output layer, a scalar head) its ``Stage`` says."""
+    stage = get_stage(recipe.stage)
     length = getattr(args, "max_length", None)
     if length is None:  # RL stages: prompt plus generated answer
         prompt = getattr(args, "max_prompt_length", None) or 512
@@ -145,9 +141,8 @@ def training_shape(recipe: Recipe, args) -> memory.Shape:
     return memory.Shape(batch=args.per_device_train_batch_size, length=int(length),
                         gradient_accumulation=args.gradient_accumulation_steps, checkpointing=checkpointing,
                         optimizer=optimizer, mixed_precision=precision,
-                        sequences_per_row=2 if recipe.stage in PAIRED_STAGES else 1,
-                        fused_head=recipe.stage in FUSED_HEAD_STAGES,
-                        vocab_head=recipe.stage not in REWARD_HEAD_STAGES)
+                        sequences_per_row=stage.sequences_per_row, fused_head=stage.fused_head,
+                        vocab_head=stage.head != "reward")
 
 
 def as_trained(recipe: Recipe, config, head: modeling.Head):
@@ -179,11 +174,10 @@ def as_planned(recipe: Recipe) -> Recipe:
     replaced by its base; with ``run_adapter: continue`` the run's adapter is the one trained. A run dir not
     written yet (a later step of a pipeline) is looked up among the recipes next to this one: the recipe that
     writes it says what its base and adapter will be."""
-    from alignkit.recipe import is_future_run
-
     name = recipe.model.name_or_path
-    if recipe.stage == "eval":
-        raise AlignkitError("the eval stage trains nothing: plan the recipe that trains the model it evaluates")
+    if not get_stage(recipe.stage).trains:
+        raise AlignkitError(f"the {recipe.stage} stage trains nothing: plan the recipe that trains the model it "
+                            "evaluates")
     if is_run_with_adapter(name):
         base = modeling.base_settings_of_adapter(Path(name), recipe.model)
         adapter = _run_adapter_section(Path(name)) if recipe.model.run_adapter == "continue" else recipe.adapter
@@ -219,8 +213,6 @@ def _run_adapter_section(path: Path) -> dict[str, Any]:
 
 def _recipe_writing(run_dir: str, recipe: Recipe) -> Recipe | None:
     """The recipe next to ``recipe`` whose ``train.output_dir`` is ``run_dir``."""
-    from alignkit.recipe import load_raw, load_recipe
-
     if recipe.source is None:
         return None
     for candidate in sorted(Path(recipe.source).parent.glob("*.yaml")):
@@ -237,7 +229,7 @@ def estimate_memory(recipe: Recipe, launch: memory.Launch, *, head: modeling.Hea
     import torch
 
     recipe = as_planned(recipe)
-    head = head or ("reward" if recipe.stage in REWARD_HEAD_STAGES else "causal_lm")
+    head = head or get_stage(recipe.stage).head
     args = training_config(recipe)
     shape = training_shape(recipe, args)
     config = model_config(recipe.model)
@@ -313,9 +305,8 @@ def candidate_changes(recipe: Recipe, launch: memory.Launch, shape: memory.Shape
     if recipe.adapter["method"] == "none":
         changes.append(Change("adapter={method: lora, r: 16, lora_alpha: 32, target_modules: all-linear}",
                               dataclasses.replace(recipe, adapter=lora), launch))
-    if recipe.model.quantization is None and recipe.stage != "ppo" or recipe.adapter["method"] == "none":
-        from alignkit.recipe import QuantizationSettings
-
+    stage = get_stage(recipe.stage)
+    if recipe.model.quantization is None and stage.plan_offers_qlora or recipe.adapter["method"] == "none":
         quantized = dataclasses.replace(recipe.model, quantization=QuantizationSettings(
             bits=4, quant_type="nf4", double_quant=True, compute_dtype="bfloat16"))
         adapter = dict(recipe.adapter, method="qlora") if recipe.adapter["method"] in ("lora", "qlora") else \
@@ -323,7 +314,7 @@ def candidate_changes(recipe: Recipe, launch: memory.Launch, shape: memory.Shape
         changes.append(Change("QLoRA: model.quantization={bits: 4, quant_type: nf4, double_quant: true} with "
                               "adapter.method=qlora", dataclasses.replace(recipe, model=quantized,
                                                                           adapter=adapter), launch))
-    if recipe.stage != "ppo":
+    if stage.sharded_launch:
         devices = max(launch.devices, 1)
         strategy = launch.strategy if launch.strategy != "ddp" else "fsdp"
         for more in (2, 4, 8, 16, 32, 64):
@@ -375,12 +366,10 @@ def _estimate_or_none(recipe: Recipe, launch: memory.Launch):
 
 def data_summary(recipe: Recipe, shape: memory.Shape, launch: memory.Launch) -> dict[str, Any] | None:
     """Training rows and optimizer steps when every training source is local (a file or demo data)."""
-    from alignkit.data import sources
-
     if not recipe.data.train or not all(sources.is_local(s.path) or sources.is_demo(s.path)
                                         for s in recipe.data.train):
         return None
-    loader = _data_loader(recipe.stage)
+    loader = get_stage(recipe.stage).load_data
     if loader is None:
         return None
     prepared = loader(recipe.data)
@@ -401,11 +390,12 @@ def rows_too_long(recipe: Recipe, rows) -> int | None:
     the plan does not count them (the run itself stops when none is left)."""
     max_length = recipe.train.get("max_length")
     keeps_start = recipe.train.get("truncation_mode", "keep_start") == "keep_start"
-    if max_length is None or recipe.stage not in ("sft", "rm", "dpo", "kto") or recipe.train.get("packing"):
+    rule = get_stage(recipe.stage).dropped_for_length
+    if max_length is None or rule is None or recipe.train.get("packing"):
         return 0
-    if recipe.stage == "sft" and not (recipe.train.get("assistant_only_loss") and keeps_start):
+    if rule == "first_answer" and not (recipe.train.get("assistant_only_loss") and keeps_start):
         return 0  # the loss is on every token, or truncation keeps the end: a long row is cut, not dropped
-    if recipe.stage in ("dpo", "kto") and not keeps_start:
+    if rule == "prompt" and not keeps_start:
         return 0
     try:
         tokenizer = modeling.load_tokenizer(as_planned(recipe).model)
@@ -418,12 +408,12 @@ def rows_too_long(recipe: Recipe, rows) -> int | None:
                                                  return_dict=True)["input_ids"])
 
     def dropped(row) -> bool:
-        if recipe.stage == "rm":  # the whole conversation, chosen or rejected, must fit
+        if rule == "conversation":  # the whole conversation, chosen or rejected, must fit
             return max(length(row["prompt"] + row[side], False) for side in ("chosen", "rejected")) > max_length
-        if recipe.stage == "sft":  # the prompt before the first answer fills max_length: no answer token left
+        if rule == "first_answer":  # the prompt before the first answer fills max_length: no answer token left
             first_answer = next((i for i, m in enumerate(row["messages"]) if m["role"] == "assistant"), None)
             return first_answer is not None and length(row["messages"][:first_answer], True) >= max_length
-        return length(row["prompt"], True) >= max_length  # dpo, kto: the prompt alone fills it
+        return length(row["prompt"], True) >= max_length  # "prompt" (dpo, kto): the prompt alone fills it
 
     count = sum(dropped(row) for row in rows)
     if count:
@@ -482,10 +472,11 @@ def _extra_models(recipe: Recipe, params: memory.ParameterBytes, shape: memory.S
     """Memory of the models a stage holds besides the one it trains."""
     full = recipe.adapter["method"] == "none"
     notes: list[str] = []
-    if recipe.stage in REFERENCE_MODEL_STAGES and full and not recipe.train.get("precompute_ref_log_probs"):
+    extra = get_stage(recipe.stage).extra_models
+    if extra == "reference" and full and not recipe.train.get("precompute_ref_log_probs"):
         notes.append("reference model: a frozen copy of the weights (full fine-tuning)")
         return params.weights, notes
-    if recipe.stage == "ppo":
+    if extra == "critic_and_reference":
         # The critic is a second trainable model (full) or adapter (shared base), the reference a frozen
         # copy (full) or the adapter switched off; PPO also runs the critic's forward pass on the batch.
         critic = params.weights + params.trainable + params.optimizer if full else 2 * params.trainable + \
@@ -511,15 +502,3 @@ def _merge_change(current: Recipe, changed: Recipe, original: Recipe) -> Recipe:
     adapter = changed.adapter if changed.adapter != original.adapter else current.adapter
     return dataclasses.replace(current, train=train, model=model, adapter=adapter)
 
-
-def _data_loader(stage: str):
-    from functools import partial
-
-    from alignkit import data
-
-    loaders = {"sft": data.load_sft_data, "eval": data.load_sft_data,
-               "dpo": partial(data.load_preference_data, kind="pairs"),
-               "orpo": partial(data.load_preference_data, kind="pairs"),
-               "rm": partial(data.load_preference_data, kind="pairs"),
-               "kto": partial(data.load_preference_data, kind="unpaired")}
-    return loaders.get(stage, data.load_prompt_data)

@@ -27,6 +27,10 @@ metrics.json: ``rlaif/pairs_judged_end``, ``rlaif/pairs_kept_end``, ``rlaif/conf
 confidence of the kept pairs), ``rlaif/label_agreement_end`` (kept labels the monitoring reward agrees
 with), ``rlaif/eval_reward_start`` and ``_end`` (the monitoring reward of greedy answers to the held-out
 prompts); every iteration's figures, the judge's skips included, are in ``rlaif_log.jsonl``.
+
+The ``rlaif:`` section and the pairing of answers are in ``pairs``; what RLAIF shares with ReST (sampling,
+loop state and resume) in :mod:`alignkit.stages.iterative`, with the preference stages in
+:mod:`alignkit.stages.preference`.
 """
 
 from __future__ import annotations
@@ -42,19 +46,21 @@ from typing import Any
 from transformers import TrainingArguments
 from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
-from alignkit import distributed, modeling, training
+from alignkit import distributed
 from alignkit.data import load_preference_data, load_prompt_data, load_sft_data
 from alignkit.errors import RecipeError
 from alignkit.feedback import LazyJudge
 from alignkit.feedback.revision import Revision, RevisionSettings, critique_and_revise
+from alignkit.feedback.rewards import monitoring_reward
 from alignkit.generation import generate
-from alignkit.recipe import DataSettings, DataSource, ModelSettings, Recipe
-from alignkit.rewards import RewardSettings, monitoring_reward
-from alignkit.rlaif import Pair, RlaifSettings, confident_pairs, label_agreement, make_pairs, preference_row
-from alignkit.runs import RunDir, last_checkpoint
-from alignkit.stages import Stage
-from alignkit.stages.dpo import check_train as check_dpo_train
+from alignkit.models import modeling
+from alignkit.recipe.loading import Recipe
+from alignkit.recipe.settings import DataSettings, DataSource, ModelSettings, RewardSettings
+from alignkit.runs.reports import write_history
+from alignkit.runs.rundir import RunDir, last_checkpoint
+from alignkit.stages import Stage, training
 from alignkit.stages.iterative import (
+    LoopState,
     adopt_final_model,
     draw_prompts,
     held_out_mean_reward,
@@ -66,8 +72,16 @@ from alignkit.stages.iterative import (
     save_loop_state,
     write_jsonl,
 )
+from alignkit.stages.preference import check_dpo_train, check_starts_new_head
 from alignkit.stages.rl_common import held_out_prompts
-from alignkit.stages.rm import check_starts_new_head
+from alignkit.stages.rlaif.pairs import (
+    Pair,
+    RlaifSettings,
+    confident_pairs,
+    label_agreement,
+    make_pairs,
+    preference_row,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,16 +113,16 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
             model, tokenizer = modeling.load_for_inference(recipe.model)
             start = held_out_reward(model, tokenizer)
             del model
-        state = {"completed": 0, "policy": None, "eval_reward_start": start, "history": []}
+        state = LoopState(eval_reward_start=start)
         if settings.revision is not None:
             entry, revised = _revise(recipe, settings.revision, run_dir, data.train, held_out_reward)
-            state = {**state, "policy": revised, "history": [entry]}
+            state = dataclasses.replace(state, policy=revised, history=[entry])
             save_loop_state(run_dir, 0, state, LOG_FILE)  # checkpoint-0: a resumed run starts from the revised policy
-    for iteration in range(state["completed"] + 1, settings.iterations + 1):
-        entry, trained = _iteration(recipe, settings, run_dir, iteration, state["policy"], data.train, judge, monitor,
+    for iteration in range(state.completed + 1, settings.iterations + 1):
+        entry, trained = _iteration(recipe, settings, run_dir, iteration, state.policy, data.train, judge, monitor,
                                     held_out_reward)
-        state = {**state, "completed": iteration, "history": [*state["history"], entry],
-                 "policy": trained or state["policy"]}
+        state = dataclasses.replace(state, completed=iteration, history=[*state.history, entry],
+                                    policy=trained or state.policy)
         save_loop_state(run_dir, iteration, state, LOG_FILE)
     return _finish(run_dir, state)
 
@@ -236,14 +250,12 @@ def _revise(recipe: Recipe, revision: RevisionSettings, run_dir: RunDir, prompts
 
 # ---- results ------------------------------------------------------------------------------------------------
 
-def _finish(run_dir: RunDir, state: dict[str, Any]) -> dict[str, Any]:
-    from alignkit.reports import write_history
-
-    history = [entry for entry in state["history"] if entry["iteration"] > 0]  # not the revision step
-    if state["policy"] is None:
+def _finish(run_dir: RunDir, state: LoopState) -> dict[str, Any]:
+    history = [entry for entry in state.history if entry["iteration"] > 0]  # not the revision step
+    if state.policy is None:
         raise RecipeError("rlaif: the judge decided no pair confidently enough in any iteration, so nothing was "
                           "trained; lower rlaif.min_confidence or sample more (rlaif.samples_per_prompt)")
-    adopt_final_model(run_dir, Path(state["policy"]),
+    adopt_final_model(run_dir, Path(state.policy),
                       keep_out=(SAMPLES_FILE, PAIRS_FILE, COUNTS_FILE, PREFERENCES_FILE))
     last = history[-1]
     metrics: dict[str, Any] = {"rlaif/iterations": len(history), "rlaif/pairs_judged_end": last["pairs_judged"],
@@ -251,17 +263,17 @@ def _finish(run_dir: RunDir, state: dict[str, Any]) -> dict[str, Any]:
     for name in ("confidence", "label_agreement", "sample_reward"):
         if last.get(name) is not None:
             metrics[f"rlaif/{name}_end"] = last[name]
-    revision = next((entry for entry in state["history"] if entry["iteration"] == 0), None)
+    revision = next((entry for entry in state.history if entry["iteration"] == 0), None)
     if revision is not None:
         metrics["rlaif/revised_answers"] = revision["revised"]
         if revision.get("eval_reward") is not None:
             metrics["rlaif/revision_eval_reward"] = revision["eval_reward"]
     evaluated = [entry for entry in history if entry.get("eval_reward") is not None]
-    if state["eval_reward_start"] is not None and evaluated:
-        metrics["rlaif/eval_reward_start"] = state["eval_reward_start"]
+    if state.eval_reward_start is not None and evaluated:
+        metrics["rlaif/eval_reward_start"] = state.eval_reward_start
         metrics["rlaif/eval_reward_end"] = evaluated[-1]["eval_reward"]
     # The report's curves: per iteration, the judged pairs' sample reward and the held-out reward (also before).
-    start = [{"step": 0, "eval_reward": state["eval_reward_start"]}] if state["eval_reward_start"] is not None else []
+    start = [{"step": 0, "eval_reward": state.eval_reward_start}] if state.eval_reward_start is not None else []
     write_history(run_dir.path, [*start, *({"step": entry["iteration"], **entry} for entry in history)])
     return metrics
 
@@ -299,4 +311,5 @@ def _train_configs(recipe: Recipe) -> list[tuple[str, type, dict[str, Any]]]:
 STAGE = Stage(name="rlaif", help="RLAIF: an AI judge labels pairs of sampled answers, then DPO or a reward model "
               "(TRL DPOTrainer / RewardTrainer)", train_config=lambda: DPOConfig, train_config_of=_train_config,
               run=run, sections={"rlaif": RlaifSettings, "reward": RewardSettings}, required_sections=("rlaif",),
-              check_train=check_dpo_train, rows="prompt", train_configs=_train_configs)
+              check_train=check_dpo_train, rows="prompt", train_configs=_train_configs,
+              load_data=load_prompt_data)

@@ -18,7 +18,8 @@ import yaml
 from alignkit import distributed
 from alignkit.demo.build import demo_model_dir, is_demo_model
 from alignkit.errors import AlignkitError, RecipeError
-from alignkit.recipe import ModelSettings, QuantizationSettings, is_future_run, is_run_with_adapter
+from alignkit.recipe import schema
+from alignkit.recipe.settings import ModelSettings, QuantizationSettings, is_future_run, is_run_with_adapter
 
 Head = Literal["causal_lm", "reward"]
 
@@ -173,8 +174,6 @@ def prepare_for_kbit_training(model, gradient_checkpointing: bool):
 def base_settings_of_adapter(path: Path, settings: ModelSettings) -> ModelSettings:
     """Model settings of the base an adapter was trained on: the run's own recipe when alignkit made it
     (so quantisation and dtype match training), else the base named in adapter_config.json."""
-    from alignkit import schema
-
     recipe_file = path / "recipe.yaml"
     if recipe_file.is_file():
         saved = (yaml.safe_load(recipe_file.read_text()) or {}).get("model", {})

@@ -23,6 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alignkit import distributed
+from alignkit.recipe.settings import is_run_with_adapter
+from alignkit.runs.plots import write_line_plot
+
 HISTORY_FILE, EVALUATION_FILE, REPORT_FILE = "log_history.json", "evaluation.md", "report.md"
 
 
@@ -60,8 +64,6 @@ class Change:
 
 def write_history(run_path: Path, history: Sequence[dict[str, Any]]) -> None:
     """Save the run's log history (entries with a ``step``) as ``log_history.json``."""
-    from alignkit import distributed
-
     distributed.write_text(run_path / HISTORY_FILE, json.dumps(list(history), indent=1, default=float) + "\n")
 
 
@@ -72,8 +74,6 @@ def read_history(run_path: Path) -> list[dict[str, Any]]:
 
 def write_charts(run_path: Path, history: Sequence[dict[str, Any]]) -> list[str]:
     """One PNG per chart in ``CHARTS`` that the history has values for; the file names written."""
-    from alignkit.plots import write_line_plot
-
     written = []
     for chart in CHARTS:
         series = {}
@@ -103,8 +103,6 @@ def before_and_after(metrics: dict[str, Any]) -> list[Change]:
 
 def write_report(run_path: Path, stage: str, recipe: dict[str, Any], metrics: dict[str, Any]) -> None:
     """Write ``report.md`` and the charts for a finished run (the main process writes; see the module doc)."""
-    from alignkit import distributed
-
     if not distributed.is_main_process():
         return
     history = read_history(run_path)
@@ -148,8 +146,6 @@ def render_metrics(metrics: dict[str, Any]) -> list[str]:
 
 
 def _summary(recipe: dict[str, Any], metrics: dict[str, Any], run_path: Path) -> list[str]:
-    from alignkit.recipe import is_run_with_adapter
-
     model = recipe.get("model", {})
     lines = [f"- model: `{model.get('name_or_path')}`"]
     if "learning_rate" in recipe.get("train", {}) or metrics.get("train/global_step") is not None:  # it trains

@@ -15,6 +15,8 @@ import string
 from collections.abc import Sequence
 from typing import Any
 
+from alignkit.suggest import did_you_mean
+
 DEFAULT_CONSTITUTION = ("Prefer the answer that does what the prompt asks, correctly, helpfully and honestly.")
 
 # Short on purpose: every word costs prompt tokens on every comparison, and the demo judge (a ~1M model
@@ -44,8 +46,6 @@ def placeholders_of(template: str) -> list[str]:
 
 def check_template(template: str, constitution: str | None = None) -> None:
     """Raise ValueError for a template that cannot build a judge question (naming what is wrong)."""
-    from alignkit.suggest import did_you_mean
-
     try:
         names = placeholders_of(template)
     except ValueError as err:

@@ -1,26 +1,18 @@
-"""Judge settings for recipes, and ``load_judge`` to build the judge they describe.
-
-A recipe names a judge in a mapping (``evaluate.judge`` today; the RLAIF and ReST stages later)::
-
-    judge:
-      kind: llm                        # llm | reward_model | rule
-      model: runs/demo-judge           # llm and reward_model: a run dir, local dir or hub id
-      constitution: The right answer has the words in reverse order.
-      swap: true                       # ask in both orders, cancelling position bias
-
-    judge: {kind: rule, function: alignkit.demo.rewards:reversal_reward}
-    judge: runs/demo-rm                # short for {kind: reward_model, model: runs/demo-rm}
-
-Nothing is loaded until ``load_judge`` runs, so a recipe validates without touching a model.
-"""
+"""A judge as a recipe names it (``evaluate.judge``, ``rlaif.judge``, ``rest.judge``): plain data;
+``alignkit.feedback.load_judge`` builds the judge it describes."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
-from alignkit.feedback.base import Judge, JudgeStats
-from alignkit.feedback.template import DEFAULT_CONSTITUTION, DEFAULT_TEMPLATE, REASONING_INSTRUCTION, check_template
+from alignkit.recipe.settings.judge_text import (
+    DEFAULT_CONSTITUTION,
+    DEFAULT_TEMPLATE,
+    REASONING_INSTRUCTION,
+    check_template,
+)
+from alignkit.recipe.settings.reward import RewardSource
 
 JudgeKind = Literal["llm", "reward_model", "rule"]
 
@@ -95,8 +87,6 @@ class JudgeSettings:
         if getattr(self, other) is not None:
             raise ValueError(f"a judge of kind '{self.kind}' takes '{needs}', not '{other}'")
         if self.function is not None:
-            from alignkit.rewards import RewardSource
-
             RewardSource(function=self.function)  # checks the module:function form, with an example
         if len(self.options) != 2 or not all(label.strip() for label in self.options):
             raise ValueError(f"options must be two non-empty labels, got {self.options}")
@@ -115,53 +105,3 @@ class JudgeSettings:
         if self.kind == "llm":
             return f"{self.model} (LLM judge)"
         return str(self.model if self.kind == "reward_model" else self.function)
-
-
-def load_judge(settings: JudgeSettings) -> Judge:
-    """The judge ``settings`` describe, with its model loaded or its function imported."""
-    if settings.kind == "rule":
-        from alignkit.feedback.rule import RuleJudge
-
-        return RuleJudge.from_path(settings.function, temperature=settings.temperature)
-    if settings.kind == "reward_model":
-        from alignkit.feedback.reward_model import RewardModel, RewardModelJudge
-
-        return RewardModelJudge(RewardModel.load(settings.model, batch_size=settings.batch_size))
-    from alignkit.feedback.llm import LLMJudge
-
-    return LLMJudge.load(settings.model, template=settings.template, constitution=settings.constitution,
-                         options=tuple(settings.options), swap=settings.swap,
-                         chain_of_thought=settings.chain_of_thought,
-                         reasoning_instruction=settings.reasoning_instruction, max_new_tokens=settings.max_new_tokens,
-                         batch_size=settings.batch_size, max_length=settings.max_length)
-
-
-class LazyJudge:
-    """The judge ``settings`` describe, loaded the first time it is asked to compare (a resumed run whose pairs
-    are all judged never loads it). With several processes every one passes the same pairs (the stages judge
-    pairs built from gathered answers): each judges its block of them and all get every preference;
-    ``take_stats`` adds up their counts."""
-
-    def __init__(self, settings: JudgeSettings) -> None:
-        self.settings = settings
-        self.judge: Judge | None = None
-
-    def compare(self, prompts, first, second) -> list[float]:
-        """The loaded judge's ``compare``, shared out across the processes (which pass the same pairs)."""
-        from alignkit.distributed import map_shared
-
-        if self.judge is None:
-            self.judge = load_judge(self.settings)
-        return map_shared(self.judge.compare, list(prompts), list(first), list(second))
-
-    def take_stats(self) -> dict[str, float]:
-        """The judge's counts since the last call, over every process (compared, skipped by reason,
-        diagnostics), then reset. Every process must call it."""
-        from accelerate.utils import gather_object
-
-        stats = getattr(self.judge, "stats", None)  # alignkit's judges count what they skip; a Judge need not
-        if stats is None:
-            return {}
-        summary = JudgeStats.merged(gather_object([stats])).summary()  # each process's own counts
-        self.judge.stats = type(stats)()
-        return summary

@@ -3,7 +3,7 @@
 One PPO update:
   1. Rollout: a batch of prompts, one sampled answer each (policy, ``temperature``), cut after the first EOS.
      Each answer's randomness is its own, seeded by the run's seed and the prompt's position in the run
-     (:mod:`alignkit.ppo.sampling`).
+     (:mod:`alignkit.stages.ppo.sampling`).
   2. No-grad forwards: the policy's and the reference's log-probabilities of the answer tokens (logits
      divided by the same temperature) and the critic's values.
   3. Rewards: the reward sources score each answer; answers without EOS lose ``missing_eos_penalty``; the
@@ -25,7 +25,7 @@ the whole batch, the minibatches are drawn from the whole batch (each process tr
 losses are divided by the minibatch's token count over all processes and the gradients summed across them,
 and the logged statistics are those of the whole batch. With the per-answer sampling above, a run on N
 processes follows the 1-process run at the same global batch up to float rounding (tested). The arithmetic
-lives in :mod:`alignkit.ppo.core`.
+lives in :mod:`alignkit.stages.ppo.core`.
 """
 
 from __future__ import annotations
@@ -43,12 +43,15 @@ from typing import Any
 
 import torch
 
+from alignkit import generation
 from alignkit.errors import RecipeError
-from alignkit.ppo import core
-from alignkit.ppo.config import PPOConfig
-from alignkit.ppo.models import POLICY, ActorCritic
-from alignkit.ppo.sampling import RowGumbelSampler, row_seeds
-from alignkit.runs import RunDir, checkpoint_dirs, last_checkpoint
+from alignkit.models.modeling import is_quantized
+from alignkit.runs.reports import write_history
+from alignkit.runs.rundir import RunDir, checkpoint_dirs, last_checkpoint
+from alignkit.stages.ppo import core
+from alignkit.stages.ppo.config import PPOConfig
+from alignkit.stages.ppo.models import POLICY, ActorCritic
+from alignkit.stages.ppo.sampling import RowGumbelSampler, row_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -257,20 +260,16 @@ class PPOTrainer:
 
     def evaluate(self) -> float:
         """Mean reward of the policy's answers to the held-out prompts (greedy unless the recipe says otherwise)."""
-        from alignkit.generation import generate
-
         rows = self.eval_prompts
         prompts = list(rows["prompt"])
         columns = {key: list(rows[key]) for key in rows.column_names if key != "prompt"}
         self._set_training(False)
         with self.models._adapter(POLICY), self._autocast():
-            completions = generate(self.models.policy, self.tokenizer, prompts, self.eval_generation)
+            completions = generation.generate(self.models.policy, self.tokenizer, prompts, self.eval_generation)
         rewards, _ = self.reward(prompts, completions, columns)
         return sum(rewards) / len(rewards)
 
     def _finish(self) -> dict[str, Any]:
-        from alignkit.reports import write_history
-
         if self.state.is_main_process:
             self.models.save_policy(self.run.path)
             self.tokenizer.save_pretrained(str(self.run.path))
@@ -426,7 +425,7 @@ class PPOTrainer:
 
     def _set_training(self, training: bool) -> None:
         """Train mode for the updates, eval mode for rollouts and evaluation: activation checkpointing acts in
-        train mode only, where it would also switch off the KV cache that generate() relies on, and a no-grad
+        train mode only, where it would also switch off the KV cache that generation.generate() relies on, and a no-grad
         forward has no activations to spare. Dropout is off in both modes (models._freeze_all_but), so both
         compute the same log-probabilities and the first minibatch's ratio is 1."""
         for model in (self.models.policy, self.models.critic_model, self.models.value_head):
@@ -627,7 +626,5 @@ def checkpoint_to_resume(args: PPOConfig, run: RunDir) -> Path | None:
 
 
 def _is_quantized(model) -> bool:
-    from alignkit.modeling import is_quantized
-
     return is_quantized(model) or is_quantized(getattr(model, "get_base_model", lambda: model)())
 

@@ -23,14 +23,15 @@ from typing import Any
 
 import yaml
 
-from alignkit import __version__, modeling
+from alignkit import __version__
 from alignkit.errors import AlignkitError
-from alignkit.recipe import ModelSettings, is_run_with_adapter
-from alignkit.runs import METRICS_FILE, RECIPE_FILE, refuse_precious_dir
+from alignkit.models import modeling
+from alignkit.recipe.settings import ModelSettings, is_run_with_adapter
+from alignkit.runs.rundir import METRICS_FILE, RECIPE_FILE, refuse_precious_dir
+from alignkit.stages import get_stage
 
 logger = logging.getLogger(__name__)
 
-REWARD_STAGES = ("rm",)
 # Marks a directory as alignkit merge's output: the only kind of existing directory --overwrite replaces.
 MARKER_FILE = "alignkit_merge.json"
 
@@ -57,7 +58,8 @@ def merge_run(run_dir: Path, output: Path | None = None, *, dtype: str = "auto",
     output = Path(output) if output is not None else run_dir.with_name(run_dir.name + "-merged")
     _claim(output, overwrite)
     recipe = _run_recipe(run_dir)
-    head: modeling.Head = "reward" if recipe.get("stage") in REWARD_STAGES else "causal_lm"
+    # An adapter dir without alignkit's recipe (peft's own output) holds a language-model adapter.
+    head: modeling.Head = get_stage(recipe["stage"]).head if "stage" in recipe else "causal_lm"
     base_settings = modeling.base_settings_of_adapter(run_dir, ModelSettings(name_or_path=str(run_dir)))
     logger.info("loading the base %s%s", base_settings.name_or_path,
                 " (quantised, as in training)" if base_settings.quantization else "")

@@ -9,19 +9,23 @@ model), ``ppo_log.jsonl`` (every update's statistics), ``samples.jsonl``, ``metr
                                     a tenth of the updates, 1 to 10, smooths the noise of single batches)
   ppo/kl_end                        mean KL(policy || reference) per answer over the last updates
   ppo/eval_reward_start, _end       mean reward of greedy answers to the held-out prompts, before and after
+
+Modules: ``config`` (``PPOConfig``, TRL 1.12's names), ``core`` (the arithmetic on padded response batches:
+GAE, KL estimators, rewards, clipped losses), ``sampling`` (batch-independent per-prompt sampling),
+``models`` (policy, reference and critic), ``trainer`` (rollouts, updates, checkpoints).
 """
 
 from __future__ import annotations
 
-from alignkit import training
 from alignkit.data import load_prompt_data
-from alignkit.ppo.config import PPOConfig
-from alignkit.ppo.models import build_actor_critic
-from alignkit.ppo.trainer import PPOTrainer, checkpoint_to_resume
-from alignkit.recipe import Recipe
-from alignkit.rewards import RewardSettings, load_reward_functions, weighted_reward
-from alignkit.runs import RunDir
-from alignkit.stages import Stage
+from alignkit.feedback.rewards import load_reward_functions, weighted_reward
+from alignkit.recipe.loading import Recipe
+from alignkit.recipe.settings import RewardSettings
+from alignkit.runs.rundir import RunDir
+from alignkit.stages import Stage, training
+from alignkit.stages.ppo.config import PPOConfig
+from alignkit.stages.ppo.models import build_actor_critic
+from alignkit.stages.ppo.trainer import PPOTrainer, checkpoint_to_resume
 from alignkit.stages.rl_common import eval_generation, held_out_prompts
 
 
@@ -55,4 +59,6 @@ def build_trainer(recipe: Recipe, run_dir: RunDir) -> PPOTrainer:
 
 STAGE = Stage(name="ppo", help="PPO with a critic (alignkit's trainer): reward models and rule rewards",
               train_config=lambda: PPOConfig, run=run, sections={"reward": RewardSettings},
-              required_sections=("reward",), rows="prompt")
+              required_sections=("reward",), rows="prompt",
+              load_data=load_prompt_data, extra_models="critic_and_reference", sharded_launch=False,
+              plan_offers_qlora=False)

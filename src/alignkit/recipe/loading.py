@@ -6,7 +6,7 @@ model or dataset is touched, and every problem is reported as one :class:`Recipe
 Sections:
   ``stage``     which stage runs (``sft``, ...; see :mod:`alignkit.stages`)
   ``model``     :class:`ModelSettings`
-  ``adapter``   ``method`` plus the peft config's own arguments (see :mod:`alignkit.adapters`)
+  ``adapter``   ``method`` plus the peft config's own arguments (see :mod:`alignkit.models.adapters`)
   ``data``      :class:`DataSettings`
   ``train``     the stage's TRL config (``SFTConfig`` for sft), argument names unchanged
   ``evaluate``  :class:`EvaluateSettings`, generation-based evaluation after training
@@ -28,219 +28,24 @@ import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import yaml
 
-from alignkit import schema
+from alignkit import stages
+from alignkit.data.formats import FORMATS
 from alignkit.errors import RecipeError
-from alignkit.feedback.settings import JudgeSettings
-from alignkit.rewards import RewardSettings
-from alignkit.schema import Raw
-
-if TYPE_CHECKING:
-    from alignkit.stages import Stage
-
-# --------------------------------------------------------------------------------------------------
-# Sections owned by alignkit. Every field has help text, as TRL's configs do.
-# --------------------------------------------------------------------------------------------------
-
-
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-
-
-@dataclass
-class QuantizationSettings:
-    """bitsandbytes quantisation of the base model (QLoRA when combined with a LoRA adapter)."""
-
-    bits: Literal[4, 8] = field(metadata={"help": "4 (QLoRA-style NF4/FP4) or 8 (LLM.int8)."})
-    quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type."})
-    double_quant: bool = field(default=True, metadata={"help": "Quantise the 4-bit quantisation constants too."})
-    compute_dtype: Dtype = field(
-        default="auto",
-        metadata={"help": "dtype of the 4-bit matmuls: auto (bfloat16 on GPUs that have it, else float32), "
-                  "float32, bfloat16 or float16."},
-    )
-    quant_storage: Dtype | None = field(
-        default=None,
-        metadata={"help": "dtype the 4-bit weights are packed in. Set it to the model dtype (e.g. bfloat16) "
-                  "for FSDP + QLoRA, so FSDP can shard quantised and regular weights alike."},
-    )
-    skip_modules: list[str] | None = field(
-        default=None, metadata={"help": "Modules left unquantised (e.g. [lm_head])."}
-    )
-
-
-@dataclass
-class ModelSettings:
-    """Which model to load and how."""
-
-    name_or_path: str = field(
-        metadata={"help": "Hub id (Qwen/Qwen2.5-0.5B-Instruct), local directory, a previous alignkit run dir, "
-                  "or an embedded demo model (demo:tiny-llama)."}
-    )
-    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
-    dtype: Dtype = field(
-        default="auto", metadata={"help": "Weights dtype: auto (as saved), float32, bfloat16 or float16."}
-    )
-    quantization: QuantizationSettings | None = field(
-        default=None, metadata={"help": "bitsandbytes 4-bit or 8-bit loading; null for none."}
-    )
-    attn_implementation: str | None = field(
-        default=None, metadata={"help": "eager, sdpa, flash_attention_2, ... (null: transformers' default)."}
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run model code from the Hub. Only for repositories you trust."}
-    )
-    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer to load, if not the model's own."})
-    chat_template: str | None = field(
-        default=None,
-        metadata={"help": "Chat template to use instead of the tokenizer's: Jinja text or a path to a .jinja file."},
-    )
-    run_adapter: Literal["continue", "merge"] = field(
-        default="continue",
-        metadata={"help": "When name_or_path is an alignkit run dir holding an adapter (e.g. DPO from an SFT run): "
-                  "continue = train that adapter further (DPO/KTO use a frozen copy of it as the reference); "
-                  "merge = fold it into the base weights, then attach the recipe's adapter (unquantised bases only)."},
-    )
-
-
-
-@dataclass
-class DataSource:
-    """One dataset in a mixture."""
-
-    SHORTHAND_FIELD = "path"  # `- demo:reverse/sft` is short for `- {path: demo:reverse/sft}`
-
-    path: str = field(
-        metadata={"help": "Local .jsonl/.json/.parquet/.csv file or directory, hub dataset id, or demo:<task>/<kind>. "
-                  "Relative paths are relative to the working directory."}
-    )
-    split: str = field(default="train", metadata={"help": "Split to read (demo sets have train and test)."})
-    name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    revision: str | None = field(default=None, metadata={"help": "Hub dataset revision."})
-    format: str = field(
-        default="auto",
-        metadata={"help": "Row format: auto (detect from columns); for SFT messages, prompt_completion, alpaca, "
-                  "sharegpt; for preference stages preference, implicit_preference, rated, unpaired; for RL stages "
-                  "(ppo, grpo, rloo) prompt_only, prompt_completion, messages (the last assistant turn or the "
-                  "completion becomes a reference column; other columns reach the reward functions)."},
-    )
-    columns: dict[str, str] | None = field(
-        default=None, metadata={"help": "Renames applied before format detection, e.g. {question: prompt}."}
-    )
-    templates: list[str] | None = field(
-        default=None,
-        metadata={"help": "Prompt templates (FLAN-style phrasings) with {column} placeholders; each row's prompt "
-                  "is one of them, picked at random per row but always the same for that row. One template: "
-                  "fixed phrasing. Write {{ and }} for literal braces."},
-    )
-    weight: float = field(
-        default=1.0,
-        metadata={"help": "Share of this source in the mixture: 0.5 keeps a random half of its rows, 2.0 uses "
-                  "every row twice (as alignment-handbook's dataset_mixer)."},
-    )
-    max_rows: int | None = field(default=None, metadata={"help": "Read at most this many rows (before weighting)."})
-
-    def __post_init__(self) -> None:
-        if self.weight <= 0:
-            raise ValueError(f"weight must be > 0, got {self.weight}")
-
-
-@dataclass
-class DataSettings:
-    """Training and evaluation data."""
-
-    train: list[DataSource] = field(
-        default_factory=list, metadata={"help": "Sources mixed into the training set (every training stage needs one)."}
-    )
-    eval: list[DataSource] | None = field(
-        default=None, metadata={"help": "Held-out sources; if null, eval_size rows are split off the training set."}
-    )
-    eval_size: float = field(
-        default=0.0,
-        metadata={"help": "Held-out part of the training mixture when `eval` is null: a fraction (< 1) "
-                  "or a row count."},
-    )
-    seed: int = field(default=42, metadata={"help": "Seed for mixing, subsampling and the eval split."})
-    system_prompt: str | None = field(
-        default=None, metadata={"help": "System message added to conversations that have none."}
-    )
-    # Applied by alignkit.data.formats.from_rated; its random choice is seeded by the row number, not by
-    # `seed`, so changing the mixture seed reshuffles rows but keeps every rated row's pair.
-    pairing: Literal["best_vs_random", "best_vs_worst"] = field(
-        default="best_vs_random",
-        metadata={"help": "How rated rows (a prompt with several rated completions) become a pair: chosen is the "
-                  "highest rated (first on ties); rejected is a random lower-rated one, the same for a row on "
-                  "every run (best_vs_random), or the lowest rated (best_vs_worst)."},
-    )
-
-    def __post_init__(self) -> None:
-        if self.eval_size < 0:
-            raise ValueError(f"eval_size must be >= 0, got {self.eval_size}")
-        if self.eval and self.eval_size > 0:
-            raise ValueError(f"eval_size ({self.eval_size}) splits the held-out rows off the training mixture only "
-                             "when `eval` is null, and `eval` names sources: remove one of them")
-
-
-@dataclass
-class GenerationSettings:
-    """Generation knobs, named as in transformers' GenerationConfig."""
-
-    max_new_tokens: int = field(default=64, metadata={"help": "Upper bound on generated tokens."})
-    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy / beam search."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    top_k: int | None = field(default=None, metadata={"help": "Sample from the k most likely tokens."})
-    top_p: float | None = field(default=None, metadata={"help": "Nucleus sampling mass."})
-    num_beams: int = field(default=1, metadata={"help": "Beam search width (1: no beam search)."})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "> 1 discourages repeating tokens."})
-    batch_size: int = field(default=32, metadata={"help": "Prompts per generate() call."})
-    seed: int = field(default=0, metadata={"help": "Seed for sampling, so sampled runs repeat."})
-
-
-@dataclass
-class EvaluateSettings:
-    """Generation-based evaluation run after training (on data.eval, or the split-off eval set)."""
-
-    metrics: list[str] = field(default_factory=lambda: ["exact_match"], metadata={"help": "Metrics to report."})
-    max_samples: int | None = field(default=200, metadata={"help": "Evaluate on at most this many rows."})
-    generation: GenerationSettings = field(default_factory=GenerationSettings, metadata={"help": "Generation knobs."})
-    metric_options: dict[str, dict[str, Any]] | None = field(
-        default=None,
-        metadata={"help": "Options per metric, e.g. {rouge: {use_stemmer: true}, bleu: {tokenize: intl}}."},
-    )
-    compare: str | None = field(
-        default=None,
-        metadata={"help": "A second model answering the same prompts, shown side by side in report.md: `base` "
-                  "(the model before training), a hub id, a local dir or a run dir."},
-    )
-    report_samples: int = field(default=5, metadata={"help": "Sample prompts shown in report.md."})
-    judge: JudgeSettings | None = field(
-        default=None,
-        metadata={"help": "A judge of the model's answers against the comparison model's (with `compare`) or else "
-                  "the references: eval/win_rate, eval/tie_rate, eval/loss_rate. A path or hub id is a reward model "
-                  "(an rm run dir); a mapping is any judge: {kind: llm | reward_model | rule, model | function, ...} "
-                  "(see alignkit.feedback.JudgeSettings)."},
-    )
-    reward: RewardSettings | None = field(
-        default=None,
-        metadata={"help": "Score every model's answers with these reward sources (reward models, rule functions; as "
-                  "the RL stages' reward section): eval/reward (and compare/reward) is their mean weighted sum."},
-    )
-    tie_margin: float = field(
-        default=0.0,
-        metadata={"help": "Judge preferences within 0.5 +- tie_margin (probabilities that the model's answer is "
-                  "better) count as ties in the win rate."},
-    )
-
-    def __post_init__(self) -> None:
-        from alignkit.metrics import METRICS
-        from alignkit.suggest import did_you_mean
-
-        for name in self.metrics:
-            if name not in METRICS:
-                raise ValueError(f"unknown metric '{name}'.{did_you_mean(name, METRICS)} Metrics: {', '.join(METRICS)}")
-
+from alignkit.models import adapters
+from alignkit.recipe import schema
+from alignkit.recipe.schema import Raw
+from alignkit.recipe.settings import (
+    DataSettings,
+    EvaluateSettings,
+    ModelSettings,
+    is_future_run,
+    is_run_with_adapter,
+)
+from alignkit.stages import Stage
 
 # --------------------------------------------------------------------------------------------------
 # The recipe
@@ -356,16 +161,14 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
 
 def validate(raw: Mapping[str, Any], source: Path | None = None) -> Recipe:
     """Check every key and type of ``raw`` and build the Recipe. Loads the stage's config class, no model."""
-    from alignkit import adapters, stages
-
     where = str(source) if source else "recipe"
     try:
-        return _validate(raw, source, adapters, stages)
+        return _validate(raw, source)
     except RecipeError as err:
         raise RecipeError(f"{where}: {err}") from None
 
 
-def _validate(raw: Mapping[str, Any], source: Path | None, adapters, stages) -> Recipe:
+def _validate(raw: Mapping[str, Any], source: Path | None) -> Recipe:
     if "stage" not in raw:
         raise RecipeError(f"missing 'stage' (one of: {', '.join(stages.STAGES)})")
     if raw["stage"] == "pipeline":
@@ -410,11 +213,6 @@ def _validate(raw: Mapping[str, Any], source: Path | None, adapters, stages) -> 
     return recipe
 
 
-def is_run_with_adapter(name_or_path: str) -> bool:
-    """Whether ``name_or_path`` is a local directory holding a peft adapter (an alignkit run dir, say)."""
-    return (Path(name_or_path) / "adapter_config.json").is_file()
-
-
 def _check_model_and_adapter(recipe: Recipe) -> None:
     quantization, method = recipe.model.quantization, recipe.adapter["method"]
     if method == "qlora" and (quantization is None or quantization.bits != 4):
@@ -436,12 +234,6 @@ def _check_model_and_adapter(recipe: Recipe) -> None:
 
 QUANTISED_FULL_FINE_TUNE = ("a quantised model cannot be fully fine-tuned: set adapter.method to qlora or lora, "
                             "or model.quantization to null")
-
-
-def is_future_run(name_or_path: str) -> bool:
-    """A run dir that an earlier step of the user's pipeline has not written yet (``runs/demo-sft`` before
-    ``make sft``): recipes that continue its adapter validate now and are checked again when it loads."""
-    return name_or_path.startswith(("runs/", "./", "../", "/")) and not Path(name_or_path).exists()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -559,14 +351,12 @@ def _integrations(stage: Stage) -> Collection[str]:
 
 
 def _formats(stage: Stage) -> Collection[str]:
-    from alignkit.data.formats import FORMATS
-
     return ("auto", *FORMATS[stage.rows])
 
 
 # String values whose choices only the libraries or the stage know (the field types say only "a string"), as
 # patterns like RANGES'. String fields with choices in their metadata or an enum type (optim,
-# lr_scheduler_type, the strategies) are checked by alignkit.schema; Literal fields (judge kind) by their type.
+# lr_scheduler_type, the strategies) are checked by alignkit.recipe.schema; Literal fields (judge kind) by their type.
 CHOICES: dict[str, Callable[[Stage], Collection[str]]] = {
     "train.report_to": _integrations,  # transformers refuses an unknown one only when the trainer starts
     "data.*.format": _formats,

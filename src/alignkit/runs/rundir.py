@@ -39,7 +39,7 @@ import yaml
 from alignkit import __version__
 from alignkit.distributed import is_main_process, world_size
 from alignkit.errors import AlignkitError, RunDirError
-from alignkit.recipe import Recipe, shared_directory
+from alignkit.recipe.loading import Recipe, shared_directory
 
 logger = logging.getLogger(__name__)
 
