@@ -53,7 +53,7 @@ score: setup
 	$(ALIGNKIT) score $(FILE) $(ARGS)
 
 test: setup
-	$(VENV)/bin/python -m pytest -q --durations=10 tests
+	$(VENV)/bin/python -m pytest -q --durations=30 tests
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
