@@ -146,3 +146,38 @@ def test_settings_import_nothing_of_alignkits_behaviour():
         if module == "alignkit.recipe.settings" or module.startswith("alignkit.recipe.settings."):
             outside = {t for t in targets if not t.startswith("alignkit.recipe.settings")} - allowed_outside
             assert outside == set(), module
+
+
+def shadowed_module_imports(source: str) -> list[tuple[str, str]]:
+    """(function, name) for each function of ``source`` that binds a name (a parameter or an assignment) equal to
+    a module-level ``from alignkit... import <module>`` and also reads an attribute of that name: inside the
+    function the name is the local value, so ``module.function(...)`` fails at run time."""
+    tree = ast.parse(source)
+    imported = {alias.asname or alias.name for node in tree.body if isinstance(node, ast.ImportFrom)
+                and (node.module or "").startswith("alignkit") for alias in node.names}
+    found = []
+    for function in ast.walk(tree):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        arguments = function.args
+        bound = {a.arg for a in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]}
+        bound |= {node.id for node in ast.walk(function)
+                  if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
+        for name in sorted(bound & imported):
+            if any(isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == name
+                   for node in ast.walk(function)):
+                found.append((function.name, name))
+    return found
+
+
+def test_no_function_hides_an_imported_alignkit_module_behind_a_local_of_the_same_name():
+    # Moving function-level imports to module level turned a parameter named ``generation`` into a shadow of the
+    # module ``generation`` in stages/iterative.py: rest and rlaif failed at their first sampling step.
+    assert shadowed_module_imports(
+        "from alignkit import generation\n"
+        "def sample(generation):\n    return generation.generate()\n") == [("sample", "generation")]
+    assert shadowed_module_imports("from alignkit import generation\ndef sample(sampling):\n"
+                                   "    return generation.generate(sampling)\n") == []
+    found = {str(path.relative_to(PACKAGE)): shadowed_module_imports(path.read_text())
+             for path in PACKAGE.rglob("*.py")}
+    assert {path: pairs for path, pairs in found.items() if pairs} == {}
