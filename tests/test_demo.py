@@ -1,15 +1,23 @@
-"""``make demo``: the whole demo pipeline (SFT -> RM -> PPO and DPO -> evaluation), shortened, on a fresh
-directory. Every step's measure improves and the pipeline's report.md shows each before and after, with its
-charts. The full run is timed in docs/benchmarks.md#the-demo-pipeline."""
+"""``make demo``: the whole demo pipeline (SFT -> RM -> PPO and DPO -> evaluation). Every step's measure improves
+and the pipeline's report.md shows each before and after, with its charts.
+
+The run checked is ``make demo``'s own (``runs/demo`` in the checkout) when it finished after the last change to
+the code and recipes it ran, with the packages installed now: the README's first command has just made it, and
+the README quotes it. Otherwise (no such run, or one older than the code) the pipeline runs here, shortened, in
+a fresh directory. The full run is timed in docs/benchmarks.md#the-demo-pipeline."""
 
 from __future__ import annotations
 
 import json
 import re
+from datetime import datetime
+from pathlib import Path
 
 import pytest
 import yaml
-from conftest import RECIPES, run_cli
+from conftest import RECIPES, REPO, run_cli
+
+from alignkit.runs.rundir import package_versions
 
 # About a third of each step's training (1.3 min on 2 cores instead of 3), and half the held-out prompts for
 # the evaluation steps.
@@ -18,9 +26,47 @@ SHORTENED = ["sft.train.max_steps=400", "rm.train.max_steps=300", "ppo.train.max
 STEPS = ("sft", "rm", "ppo", "dpo", "eval-ppo", "eval-dpo")
 
 
+def made_demo(runs: Path = REPO / "runs" / "demo") -> Path | None:
+    """``runs`` if it holds a complete ``make demo`` run that started after the last change to any file of the
+    package or the recipes, with the package versions installed now; else None."""
+    records = [runs / step / "run.json" for step in STEPS]
+    if not (runs / "report.md").is_file() or not all(record.is_file() for record in records):
+        return None
+    runs_of_steps = [json.loads(record.read_text()) for record in records]
+    if any(run.get("status") != "complete" or run.get("versions") != package_versions() for run in runs_of_steps):
+        return None
+    # run.json's times are local, in whole seconds: a change in the second the run started counts as later.
+    started = min(datetime.fromisoformat(run["started"]).timestamp() for run in runs_of_steps)
+    sources = [path for folder in (REPO / "src" / "alignkit", RECIPES) for path in folder.rglob("*") if path.is_file()]
+    return runs if all(path.stat().st_mtime < started for path in sources) else None
+
+
+def test_only_a_complete_demo_run_newer_than_the_code_is_taken_as_made(tmp_path):
+    assert made_demo(tmp_path / "runs" / "demo") is None  # none there
+    runs = tmp_path / "runs" / "demo"
+    (runs / "report.md").parent.mkdir(parents=True)
+    (runs / "report.md").write_text("report")
+    now = datetime.now().isoformat(timespec="seconds")
+    record = {"status": "complete", "started": now, "versions": package_versions()}
+    for step in STEPS:
+        (runs / step).mkdir()
+        (runs / step / "run.json").write_text(json.dumps(record))
+    assert made_demo(runs) == runs
+    (runs / "ppo" / "run.json").write_text(json.dumps(record | {"status": "failed"}))
+    assert made_demo(runs) is None
+    (runs / "ppo" / "run.json").write_text(json.dumps(record | {"versions": {"torch": "0.0"}}))
+    assert made_demo(runs) is None
+    (runs / "ppo" / "run.json").write_text(json.dumps(record | {"started": "2000-01-01T00:00:00"}))
+    assert made_demo(runs) is None  # the code changed after that step's run
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """The shortened demo pipeline run in a fresh directory, as `make demo` runs it (relative run dirs)."""
+    """``make demo``'s run if it is up to date (see ``made_demo``), else the pipeline shortened, run in a fresh
+    directory as ``make demo`` runs it (relative run dirs)."""
+    made = made_demo()
+    if made is not None:
+        return made
     workdir = tmp_path_factory.mktemp("demo")
     result = run_cli("pipeline", str(RECIPES / "demo" / "pipeline.yaml"), *SHORTENED, cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
