@@ -37,7 +37,9 @@ def made_demo(runs: Path = REPO / "runs" / "demo") -> Path | None:
         return None
     # run.json's times are local, in whole seconds: a change in the second the run started counts as later.
     started = min(datetime.fromisoformat(run["started"]).timestamp() for run in runs_of_steps)
-    sources = [path for folder in (REPO / "src" / "alignkit", RECIPES) for path in folder.rglob("*") if path.is_file()]
+    # Python's byte-code caches are written whenever a module is first imported (by this test session too).
+    sources = [path for folder in (REPO / "src" / "alignkit", RECIPES) for path in folder.rglob("*")
+               if path.is_file() and "__pycache__" not in path.parts]
     return runs if all(path.stat().st_mtime < started for path in sources) else None
 
 
