@@ -25,6 +25,17 @@ def demo_model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_sft_run(tmp_path_factory) -> Path:
+    """The demo SFT run (recipes/demo/sft.yaml as shipped: LoRA on the demo model, word reversal, exact match
+    ~1.0; ~1 min on 2 cores), trained once per test session for the tests that start from it or talk to it
+    (the preference stages, chat, serve). Read it, never write into it."""
+    run_dir = tmp_path_factory.mktemp("demo-sft") / "run"
+    run_ok("sft", "recipes/demo/sft.yaml", f"train.output_dir={run_dir}", "train.save_strategy=no",
+           "train.eval_strategy=no", "evaluate=null")
+    return run_dir
+
+
+@pytest.fixture(scope="session")
 def noisy_sft_run(tmp_path_factory) -> Path:
     """The RL demos' starting policy: recipes/demo/sft-noisy.yaml as shipped (~1 min on 2 cores), trained once
     per test session. Observed: greedy, it echoes nearly every held-out phrase (exact match 0.015, rule reward
