@@ -11,6 +11,7 @@ line, without prompts or banners, so a chat can be scripted: ``printf 'hi\\nmore
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from typing import TextIO
@@ -66,17 +67,19 @@ class Chat:
         # drawing the same random numbers.
         self.sampling = dataclasses.replace(self.sampling, seed=None)
         pieces: list[str] = []
-        try:
-            for piece in stream:
-                if not pieces:
-                    piece = piece.lstrip()  # a tokenizer's word-boundary space before the first word
-                    if not piece:
-                        continue
-                pieces.append(piece)
-                out.write(piece)
-                out.flush()
-        except KeyboardInterrupt:
-            out.write(" [stopped]")
+        # closing() ends the generation at once when Ctrl-C lands here rather than inside the stream.
+        with contextlib.closing(iter(stream)) as generated:
+            try:
+                for piece in generated:
+                    if not pieces:
+                        piece = piece.lstrip()  # a tokenizer's word-boundary space before the first word
+                        if not piece:
+                            continue
+                    out.write(piece)
+                    out.flush()
+                    pieces.append(piece)  # once shown: the history holds what the user saw
+            except KeyboardInterrupt:
+                out.write(" [stopped]")
         out.write("\n")
         out.flush()
         answer = "".join(pieces).strip()
