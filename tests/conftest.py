@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +80,42 @@ def kill_when_written(args: list[str], marker: Path, log: Path, timeout: float =
             time.sleep(0.1)
         process.send_signal(signal.SIGKILL)
         process.wait()
+
+
+def free_port() -> int:
+    """A localhost port free now (the OS's pick)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(model: str | Path, log: Path, key_env: str, key: str, timeout: float = 180) -> Iterator[str]:
+    """``alignkit serve MODEL`` on a free localhost port with its API key in ``key_env``, as a subprocess; yields
+    its base URL (without /v1) once /health answers, stops it afterwards. Fails the test if its output (``log``)
+    ever shows the key."""
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{key_env: key})
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "alignkit", "serve", str(model), "--port", str(port),
+                                    "--api-key-env", key_env], cwd=REPO, env=env, stdout=out, stderr=out)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, f"the server did not answer /health within {timeout:.0f} s"
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert key not in log.read_text(), "the API key appeared in the server's output"
 
 
 def run_ok(*args: str) -> None:

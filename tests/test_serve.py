@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -19,42 +17,17 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import REPO, run_ok
+from conftest import REPO, run_ok, served
 
 KEY_ENV, KEY = "ALIGNKIT_TEST_SERVE_KEY", "test-key-4f1c"
 MAX_TOKENS = 16  # recipes/demo/eval.yaml's max_new_tokens
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(demo_sft_run, tmp_path_factory):
     """(base URL, served model name) of ``alignkit serve`` on the demo SFT run, with an API key."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **{KEY_ENV: KEY})
-    with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "alignkit", "serve", str(demo_sft_run), "--port", str(port),
-                                    "--api-key-env", KEY_ENV], cwd=REPO, env=env, stdout=out, stderr=out)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        assert process.poll() is None, log.read_text()[-3000:]
-        assert time.time() < deadline, "the server did not answer /health within 180 s"
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=5) as answer:
-                if answer.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.3)
-    yield base, str(demo_sft_run)
-    process.terminate()
-    process.wait(timeout=30)
-    assert KEY not in log.read_text(), "the API key appeared in the server's output"
+    with served(demo_sft_run, tmp_path_factory.mktemp("serve") / "serve.log", KEY_ENV, KEY) as base:
+        yield base, str(demo_sft_run)
 
 
 @pytest.fixture(scope="module")
