@@ -51,13 +51,13 @@ def draw_prompts(rows, count: int | None, seed: str):
 
 
 def sample_answers(settings: ModelSettings, rows, repeats: int,
-                   generation: GenerationSettings) -> tuple[list, list[str], dict[str, list]]:
+                   sampling: GenerationSettings) -> tuple[list, list[str], dict[str, list]]:
     """``repeats`` sampled answers to each prompt of ``rows`` (prompt-only rows) from the model ``settings``
     describe: (prompts, answers, other columns), each prompt repeated ``repeats`` times in a row."""
     prompts = [prompt for prompt in rows["prompt"] for _ in range(repeats)]
     columns = {name: [value for value in values for _ in range(repeats)] for name, values in columns_of(rows).items()}
     model, tokenizer = modeling.load_for_inference(settings)
-    answers = generation.generate(model, tokenizer, prompts, generation)
+    answers = generation.generate(model, tokenizer, prompts, sampling)
     del model
     return prompts, answers, columns
 
