@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, served
+from conftest import REPO, free_port, run_cli, served
 
 from alignkit.demo.tasks import DEMO_JUDGE_TEMPLATE, reverse_judge_pairs
 from alignkit.errors import RecipeError
@@ -234,3 +238,37 @@ def test_api_judge_recipes():
     both = "rlaif.judge.api={base_url: 'http://127.0.0.1:8/v1', model: m}"
     with pytest.raises(RecipeError, match="takes 'model' \\(a local model\\) or 'api' \\(an endpoint\\), not both"):
         load_recipe(str(REPO / "recipes/demo/rlaif.yaml"), [both])
+
+
+def test_rlaif_killed_mid_labelling_gets_the_verdicts_it_paid_for_from_the_cache(served_judge, demo_judge_run,
+                                                                                noisy_sft_run, tmp_path):
+    """recipes/demo/rlaif-api.yaml, shortened, against ``alignkit serve`` of the demo judge: killed once the
+    judge has received some verdicts, then run again; the second run asks only for the verdicts it lacks."""
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    args = ["rlaif", str(REPO / "recipes/demo/rlaif-api.yaml"), f"model.name_or_path={noisy_sft_run}",
+            f"train.output_dir={run_dir}", f"rlaif.judge.api.base_url={served_judge}/v1",
+            f"rlaif.judge.api.model={demo_judge_run}", f"rlaif.judge.api.cache_dir={cache}",
+            f"rlaif.judge.api.api_key_env={KEY_ENV}", "rlaif.iterations=1", "rlaif.prompts_per_iteration=16",
+            "train.max_steps=4", "train.save_strategy=no", "evaluate.max_samples=8"]
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        first = subprocess.Popen([sys.executable, "-m", "alignkit", *args], cwd=REPO, stdout=out, stderr=out)
+        deadline = time.time() + 300
+        while not ((cache / "verdicts.sqlite").exists() and len(VerdictCache(cache)) >= 16):
+            assert first.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, "no 16 verdicts within 300 s"
+            time.sleep(0.1)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    paid_for = len(VerdictCache(cache))
+    assert not (run_dir / "iteration-1" / "pairs.jsonl").exists()  # killed while labelling
+
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [entry] = [json.loads(line) for line in (run_dir / "rlaif_log.jsonl").read_text().splitlines()]
+    print(f"killed after {paid_for} cached verdicts; the rerun: {entry}")
+    questions = 2 * (entry["pairs_judged"] - entry.get("judge_skipped_empty_answer", 0))  # both orders of a pair
+    asked = sum(value for name, value in entry.items() if name.startswith("judge_verdicts_"))
+    assert entry["judge_cache_hits"] >= paid_for and entry["judge_cache_hits"] + asked == questions
+    assert len(VerdictCache(cache)) == questions  # every verdict paid for once
+    assert KEY not in (run_dir / "recipe.yaml").read_text() and KEY_ENV in (run_dir / "recipe.yaml").read_text()
