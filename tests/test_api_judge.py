@@ -1,11 +1,13 @@
-"""The judge behind an OpenAI-compatible endpoint: against ``alignkit serve`` of the demo judge (the same
-verdicts as the local judge, cached), and against a small fake endpoint in this process for what a real
-server cannot be made to do on cue (a 429, a 5xx, no logprobs, an unparseable answer)."""
+"""The judge and the reward behind an OpenAI-compatible endpoint: against ``alignkit serve`` of the demo judge
+(the same verdicts as the local judge, cached; RLAIF through it, killed and rerun), and against a small fake
+endpoint in this process for what a real server cannot be made to do on cue (a 429, a 5xx, no logprobs, an
+unparseable answer) and for a rating model (the demo has none)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import subprocess
 import sys
@@ -23,10 +25,12 @@ from alignkit.errors import RecipeError
 from alignkit.feedback import JudgeSettings, load_judge
 from alignkit.feedback.api_judge import APIJudge, read_verdict
 from alignkit.feedback.endpoint import ChatEndpoint, EndpointError, Reply
+from alignkit.feedback.rewards import load_reward_functions
 from alignkit.feedback.verdicts import VerdictCache
 from alignkit.recipe import schema
 from alignkit.recipe.loading import load_recipe
 from alignkit.recipe.settings.endpoint import EndpointSettings
+from alignkit.recipe.settings.reward import RewardSettings
 
 DEMO_JUDGE = dict(template=DEMO_JUDGE_TEMPLATE, constitution="The right answer reverses the words.",
                   chain_of_thought=True, reasoning_instruction="Check each answer.", max_new_tokens=24)
@@ -272,3 +276,36 @@ def test_rlaif_killed_mid_labelling_gets_the_verdicts_it_paid_for_from_the_cache
     assert entry["judge_cache_hits"] >= paid_for and entry["judge_cache_hits"] + asked == questions
     assert len(VerdictCache(cache)) == questions  # every verdict paid for once
     assert KEY not in (run_dir / "recipe.yaml").read_text() and KEY_ENV in (run_dir / "recipe.yaml").read_text()
+
+
+# ---- a reward source behind an API ------------------------------------------------------------------------------
+
+
+def test_an_api_reward_is_the_expected_rating_and_is_cached(tmp_path):
+    def respond(body: dict, count: int):
+        question = body["messages"][0]["content"]
+        answer = question.split("Answer: ")[1].split("\n")[0]
+        if answer == "?":
+            return 200, completion("no idea"), {}
+        if "logprobs" not in body:
+            return 200, completion("I give it a 7 out of 9"), {}
+        # 8 with probability 0.75, 2 with 0.25 (and a token that is no digit)
+        return 200, completion("8", [("8", math.log(0.6)), ("2", math.log(0.2)), ("ok", math.log(0.2))]), {}
+
+    raw = {"sources": [{"api": {"base_url": "", "model": "rater", "cache_dir": str(tmp_path / "cache")},
+                        "constitution": "Reverse the words."}]}
+    prompts = [[{"role": "user", "content": "reverse: apple river"}]] * 2
+    with FakeEndpoint(respond) as url:
+        raw["sources"][0]["api"]["base_url"] = url
+        [reward] = load_reward_functions(schema.build(RewardSettings, raw, "reward"))
+        assert reward(prompts=prompts, completions=["river apple", "?"]) == pytest.approx([(0.75 * 8 + 0.25 * 2) / 9,
+                                                                                          0.5])
+        assert reward(prompts=prompts, completions=["river apple", "?"]) == pytest.approx([0.7222, 0.5], abs=1e-4)
+        raw["sources"][0]["api"]["logprobs"] = False
+        [parsed] = load_reward_functions(schema.build(RewardSettings, raw, "reward"))
+        assert parsed(prompts=prompts[:1], completions=["river apple"]) == pytest.approx([7 / 9])
+    stats = reward.stats.summary()
+    assert stats["cache_hits"] == 2 and stats["requests"] == 2 and stats["skipped_unrated"] == 2, stats
+    assert stats["verdicts_logprobs"] == 1 and stats["verdicts_unparseable"] == 1, stats
+    with pytest.raises(RecipeError, match="exactly one of 'model'.*'api'"):
+        schema.build(RewardSettings, {"sources": [{"api": {"base_url": url, "model": "m"}, "model": "rm"}]}, "reward")

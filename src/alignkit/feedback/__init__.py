@@ -20,10 +20,11 @@ used and shares its work out across the processes of a multi-process launch.
 
 Modules: ``base`` (protocol, stats, win rates), ``rewards`` (a ``reward:`` section's sources as TRL reward
 functions), ``reward_model``, ``llm``, ``rule``, ``api_judge`` (with ``endpoint``, the HTTP client, and
-``verdicts``, the cache), ``loading`` (``load_judge``, ``LazyJudge``), ``revision``
-(critique and revise). The settings a recipe writes (``JudgeSettings``, ``RewardSettings``) and the LLM
-judge's question text live in :mod:`alignkit.recipe.settings`, which imports nothing from here. Models and torch
-load only when a judge or reward model is used, so importing this package stays cheap.
+``verdicts``, the cache), ``api_reward`` (a rating model behind an endpoint as a reward source), ``loading``
+(``load_judge``, ``LazyJudge``), ``revision`` (critique and revise). The settings a recipe writes
+(``JudgeSettings``, ``RewardSettings``) and the LLM judge's question text live in
+:mod:`alignkit.recipe.settings`, which imports nothing from here. Models and torch load only when a judge or
+reward model is used, so importing this package stays cheap.
 """
 
 from alignkit.feedback.api_judge import APIJudge

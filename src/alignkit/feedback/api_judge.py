@@ -22,13 +22,13 @@ import logging
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit.demo.build import cache_dir
 from alignkit.feedback.base import JudgeStats, Messages, check_lengths
 from alignkit.feedback.endpoint import ChatEndpoint, Refused, Reply
-from alignkit.feedback.verdicts import VerdictCache, verdict_key
+from alignkit.feedback.verdicts import VerdictCache, ask_cached, verdict_key
 from alignkit.recipe.settings.judge import JudgeSettings
 from alignkit.recipe.settings.judge_text import (
     DEFAULT_CONSTITUTION,
@@ -136,32 +136,12 @@ class APIJudge:
     def verdicts(self, questions: Sequence[str]) -> list[Verdict]:
         """A verdict per question: from the cache, else asked (each distinct question once, ``max_concurrency``
         at a time) and cached as it arrives."""
-        keys = [self._key(question) for question in questions]
-        found: dict[str, Verdict] = {}
-        for key in dict.fromkeys(keys):
-            cached = self.cache.get(key)
-            if cached is not None:
-                found[key] = Verdict(**cached)
-        self.stats.count("cache_hits", sum(key in found for key in keys))
-        asked = {key: question for key, question in zip(keys, questions) if key not in found}
-        asked_keys = list(asked)
-        requests, retries = self.endpoint.requests, self.endpoint.retries
-        refusals = []
-        for index, verdict in self.endpoint.map_as_completed(self._ask, list(asked.values())):
-            key = asked_keys[index]
-            found[key] = verdict
-            self.stats.count(f"verdicts_{verdict.how}")
-            if verdict.how == "refused":
-                refusals.append(verdict)  # not cached: nothing was paid for, and the cause may be fixed
-                continue
-            self.cache.put(key, asdict(verdict))
-            if verdict.option_mass is not None:
-                self.stats.add_mean("option_mass", [verdict.option_mass])
-        self.stats.count("requests", self.endpoint.requests - requests)
-        self.stats.count("retries", self.endpoint.retries - retries)
-        if refusals:
-            logger.warning("API judge: the endpoint refused %d of %d questions", len(refusals), len(asked))
-        return [found[key] for key in keys]
+        verdicts = ask_cached(self.endpoint, self.cache, questions, [self._key(q) for q in questions], self._ask,
+                              Verdict, self.stats)
+        fresh = [v.option_mass for v in verdicts if v.option_mass is not None]
+        if fresh:
+            self.stats.add_mean("option_mass", fresh)
+        return verdicts
 
     def _ask(self, question: str) -> Verdict:
         messages = [{"role": "user", "content": question}]

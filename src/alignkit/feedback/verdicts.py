@@ -9,12 +9,22 @@ verdict readable. Nothing secret goes in: no key, no URL.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import sqlite3
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from alignkit.feedback.base import JudgeStats
+from alignkit.feedback.endpoint import ChatEndpoint
+
+logger = logging.getLogger(__name__)
+
+V = TypeVar("V")
 
 FILE_NAME = "verdicts.sqlite"
 
@@ -49,3 +59,36 @@ class VerdictCache:
     def __len__(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0]
+
+
+def ask_cached(endpoint: ChatEndpoint, cache: VerdictCache, questions: Sequence[str], keys: Sequence[str],
+               ask: Callable[[str], V], kind: type[V], stats: JudgeStats) -> list[V]:
+    """The answer to each question: from ``cache``, else ``ask(question)`` (each distinct key once, the endpoint's
+    ``max_concurrency`` at a time), cached as it arrives.
+
+    Answers are dataclasses of type ``kind`` with a ``how`` field; a ``refused`` one is returned but not cached
+    (nothing was paid for, and the cause may be fixed). ``stats`` counts ``cache_hits``, ``requests``,
+    ``retries`` and ``<how>`` for each answer asked (``verdicts_logprobs``...)."""
+    found: dict[str, V] = {}
+    for key in dict.fromkeys(keys):
+        cached = cache.get(key)
+        if cached is not None:
+            found[key] = kind(**cached)
+    stats.count("cache_hits", sum(key in found for key in keys))
+    asked = {key: question for key, question in zip(keys, questions) if key not in found}
+    asked_keys = list(asked)
+    requests, retries, refused = endpoint.requests, endpoint.retries, 0
+    try:
+        for index, answer in endpoint.map_as_completed(ask, list(asked.values())):
+            found[asked_keys[index]] = answer
+            stats.count(f"verdicts_{answer.how}")
+            if answer.how == "refused":
+                refused += 1
+            else:
+                cache.put(asked_keys[index], dataclasses.asdict(answer))
+    finally:
+        stats.count("requests", endpoint.requests - requests)
+        stats.count("retries", endpoint.retries - retries)
+    if refused:
+        logger.warning("%s: the endpoint refused %d of %d questions", endpoint.url, refused, len(asked))
+    return [found[key] for key in keys]
