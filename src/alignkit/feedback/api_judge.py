@@ -138,9 +138,9 @@ class APIJudge:
         at a time) and cached as it arrives."""
         verdicts = ask_cached(self.endpoint, self.cache, questions, [self._key(q) for q in questions], self._ask,
                               Verdict, self.stats)
-        fresh = [v.option_mass for v in verdicts if v.option_mass is not None]
-        if fresh:
-            self.stats.add_mean("option_mass", fresh)
+        masses = [v.option_mass for v in verdicts if v.option_mass is not None]
+        if masses:
+            self.stats.add_mean("option_mass", masses)
         return verdicts
 
     def _ask(self, question: str) -> Verdict:
