@@ -90,15 +90,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def served(model: str | Path, log: Path, key_env: str, key: str, timeout: float = 180) -> Iterator[str]:
-    """``alignkit serve MODEL`` on a free localhost port with its API key in ``key_env``, as a subprocess; yields
-    its base URL (without /v1) once /health answers, stops it afterwards. Fails the test if its output (``log``)
-    ever shows the key."""
+def served(model: str | Path, log: Path, key_env: str, key: str, *options: str, timeout: float = 180) -> Iterator[str]:
+    """``alignkit serve MODEL [OPTIONS]`` on a free localhost port with its API key in ``key_env``, as a subprocess;
+    yields its base URL (without /v1) once /health answers, stops it afterwards. Fails the test if its output
+    (``log``) ever shows the key."""
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1", **{key_env: key})
     with log.open("w") as out:
         process = subprocess.Popen([sys.executable, "-m", "alignkit", "serve", str(model), "--port", str(port),
-                                    "--api-key-env", key_env], cwd=REPO, env=env, stdout=out, stderr=out)
+                                    "--api-key-env", key_env, *options], cwd=REPO, env=env, stdout=out, stderr=out)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout

@@ -21,13 +21,15 @@ from conftest import REPO, run_ok, served
 
 KEY_ENV, KEY = "ALIGNKIT_TEST_SERVE_KEY", "test-key-4f1c"
 MAX_TOKENS = 16  # recipes/demo/eval.yaml's max_new_tokens
+SERVED_AS = "demo-sft"  # --served-model-name
 
 
 @pytest.fixture(scope="module")
 def server(demo_sft_run, tmp_path_factory):
     """(base URL, served model name) of ``alignkit serve`` on the demo SFT run, with an API key."""
-    with served(demo_sft_run, tmp_path_factory.mktemp("serve") / "serve.log", KEY_ENV, KEY) as base:
-        yield base, str(demo_sft_run)
+    with served(demo_sft_run, tmp_path_factory.mktemp("serve") / "serve.log", KEY_ENV, KEY, "--served-model-name",
+                SERVED_AS) as base:
+        yield base, SERVED_AS
 
 
 @pytest.fixture(scope="module")

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s, this machine only; 0.0.0.0: every network)")
     server.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    server.add_argument("--served-model-name", metavar="NAME",
+                        help="the model's name in the API (/v1/models, the requests' 'model'; default: RUN_OR_MODEL)")
     server.add_argument("--api-key-env", metavar="VAR",
                         help="require 'Authorization: Bearer <key>' on /v1 routes, the key read from environment "
                         "variable VAR (never given on the command line, where other users could read it)")
@@ -320,8 +322,8 @@ def _serve(args) -> int:
         if not api_key:
             raise AlignkitError(f"--api-key-env {args.api_key_env}: the environment variable {args.api_key_env} is "
                                 "not set or empty")
-    engine = Engine.load(args.model)
-    print(f"serving {args.model} at http://{args.host}:{args.port}/v1"
+    engine = Engine.load(args.model, name=args.served_model_name)
+    print(f"serving {args.model} as '{engine.name}' at http://{args.host}:{args.port}/v1"
           + (f" (bearer key from ${args.api_key_env})" if api_key else ""), file=sys.stderr, flush=True)
     serve(engine, args.host, args.port, api_key)
     return 0

@@ -90,10 +90,11 @@ class Engine:
         self.context_length: int | None = min(known) if known else None
 
     @classmethod
-    def load(cls, name_or_path: str) -> Engine:
-        """The model as evaluation loads it: a run dir (base + adapter), a local model dir, a hub id, a demo model."""
+    def load(cls, name_or_path: str, name: str | None = None) -> Engine:
+        """The model as evaluation loads it: a run dir (base + adapter), a local model dir, a hub id, a demo model;
+        ``name`` is what clients call it (default: ``name_or_path``)."""
         model, tokenizer = modeling.load_for_inference(ModelSettings(name_or_path=name_or_path))
-        return cls(model, tokenizer, name_or_path)
+        return cls(model, tokenizer, name or name_or_path)
 
     def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of a conversation with the reply prompt, as :mod:`alignkit.generation` builds them."""
