@@ -14,29 +14,21 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from alignkit.data import columns, convert, formats, sources
-from alignkit.data.convert import SourceReport, pick_template
+from alignkit.data.cache import prepare
+from alignkit.data.convert import pick_template
 from alignkit.data.mixing import apply_weight, mix, split_eval
+from alignkit.data.prepared import PreparedData, SourceReport
 from alignkit.errors import DataError
 from alignkit.recipe.settings import DataSettings, DataSource
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PreparedData", "SourceReport", "apply_weight", "check_sources", "load_preference_data",
+__all__ = ["PreparedData", "SourceReport", "apply_weight", "check_sources", "countable", "load_preference_data",
            "load_preference_source", "load_prompt_data", "load_prompt_source", "load_sft_data", "load_sft_source",
-           "pick_template", "split_eval"]
-
-
-@dataclass
-class PreparedData:
-    """Train and eval datasets in TRL's format, and a report per source."""
-
-    train: object  # datasets.Dataset
-    eval: object | None
-    reports: list[SourceReport]
+           "pick_template", "prepare", "split_eval"]
 
 
 def _convert_source(source: DataSource, where: str, known_formats, converter_for: Callable[[str], convert.RowConverter],
@@ -379,6 +371,13 @@ def _unstorable(loaded: dict[str, tuple[list, SourceReport]], columns: list[str]
         except pa.ArrowException as err:
             return f"column '{column}' holds values Arrow cannot store together ({err}); make them alike"
     return str(error)
+
+
+def countable(settings: DataSettings) -> bool:
+    """Whether every source can be read here without a download (local files and demo sets), so that
+    ``alignkit plan`` and ``alignkit validate`` prepare the data and count its rows."""
+    every = [*settings.train, *(settings.eval or [])]
+    return bool(settings.train) and all(sources.is_local(s.path) or sources.is_demo(s.path) for s in every)
 
 
 def check_sources(settings: DataSettings) -> None:

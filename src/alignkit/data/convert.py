@@ -13,12 +13,11 @@ import json
 import logging
 import os
 import random
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from alignkit.data import formats
+from alignkit.data.prepared import SourceReport
 from alignkit.data.sources import LINE, RawSource
 from alignkit.errors import DataError
 from alignkit.recipe.settings import DataSource
@@ -33,33 +32,6 @@ BATCH_SIZE = 1000
 PARALLEL_FROM_ROWS = 50_000
 
 RowConverter = Callable[[dict, int], dict[str, Any]]  # (row, row number) -> normalised row; raises RowError
-
-
-@dataclass
-class SourceReport:
-    """What happened to one source's rows."""
-
-    where: str
-    path: str
-    format: str
-    rows_read: int = 0
-    rows_kept: int = 0
-    skipped: Counter = field(default_factory=Counter)  # reason -> count
-    first_bad_row: int | None = None
-
-    def summary(self) -> str:
-        reasons = ", ".join(f"{reason} ({count})" for reason, count in self.skipped.most_common())
-        return (f"{self.where} ({self.path}, format {self.format}): skipped {sum(self.skipped.values())} of "
-                f"{self.rows_read} rows: {reasons}; first bad row: {self.first_bad_row}")
-
-    def to_dict(self) -> dict:
-        return {"path": self.path, "format": self.format, "rows_read": self.rows_read, "rows_kept": self.rows_kept,
-                "skipped": dict(self.skipped), "first_bad_row": self.first_bad_row}
-
-    def add(self, reason: str, row_number: int) -> None:
-        """Count one bad row."""
-        self.skipped[reason] += 1
-        self.first_bad_row = row_number if self.first_bad_row is None else min(self.first_bad_row, row_number)
 
 
 def default_num_proc(rows: int) -> int:

@@ -113,6 +113,11 @@ def _load(source: DataSource, where: str, builder: str, *, split_name: str = "tr
           **options: Any):
     import datasets
 
+    if is_local(source.path) and not streaming:
+        # datasets keys its copy of a local file by path and modification time, so an edit that keeps the time
+        # (a copy with `cp -p`, a file restored from an archive) would be read as the old rows: read it anew.
+        # The prepared-data cache (alignkit.data.cache), keyed by content, is what saves the reading.
+        options["download_mode"] = "force_redownload"
     try:
         return datasets.load_dataset(builder, split=split_name, streaming=streaming, **options)
     except Exception as err:  # datasets raises many types (network, schema, encoding, missing split); one message

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit import distributed
-from alignkit.data import PreparedData
+from alignkit.data import PreparedData, prepare
 from alignkit.errors import DataError, RecipeError
 from alignkit.models import adapters, modeling
 from alignkit.recipe.loading import QUANTISED_FULL_FINE_TUNE, Recipe
@@ -146,7 +146,7 @@ def fit(recipe: Recipe, run: RunDir, *, config_class: type, trainer_class: type,
     from transformers import set_seed
 
     args = training_args(recipe, config_class, run.path)
-    data = load_data(recipe.data)
+    data = prepare(recipe.data, load_data)
     record_data(run, data)
     # The trainer seeds only once it is built, after the model: without this, what the model creates at random
     # when it loads (a reward model's new head) would depend on whatever drew random numbers before.
@@ -198,9 +198,10 @@ def check_rows_kept(trainer, data: PreparedData, trainer_eval: bool = True) -> N
 
 
 def record_data(run: RunDir, data: PreparedData) -> None:
-    """Write ``data.json``: rows used for training and evaluation, and each source's report (skipped rows)."""
+    """Write ``data.json``: rows used for training and evaluation, the prepared-data cache key, and each source's
+    report (skipped rows)."""
     run.write_json("data.json", {"train_rows": len(data.train), "eval_rows": len(data.eval or []),
-                                 "sources": [r.to_dict() for r in data.reports]})
+                                 "cache_key": data.cache_key, "sources": [r.to_dict() for r in data.reports]})
 
 
 def match_new_head_to_hidden_states(model) -> None:

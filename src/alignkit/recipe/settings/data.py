@@ -80,6 +80,12 @@ class DataSettings:
         metadata={"help": "Processes converting a source's rows (a batched datasets map). Default: 1 for a source of "
                   "under 50,000 rows, else one per CPU core up to 8."},
     )
+    cache: bool = field(
+        default=True,
+        metadata={"help": "Save the prepared data under alignkit's cache (~/.cache/alignkit/data, or "
+                  "$ALIGNKIT_CACHE/data), keyed by the sources' content and these settings, and reuse it on the "
+                  "next run, in the other processes of a launch, and in alignkit plan / validate."},
+    )
 
     def __post_init__(self) -> None:
         if self.num_proc is not None and self.num_proc < 1:
