@@ -31,23 +31,26 @@ __all__ = ["PreparedData", "SourceReport", "apply_weight", "check_sources", "cou
            "pick_template", "prepare", "split_eval"]
 
 
-def _convert_source(source: DataSource, where: str, known_formats, converter_for: Callable[[str], convert.RowConverter],
-                    features_for: Callable[[str], Any], num_proc: int | None):
-    """One source opened, its format settled, converted by a batched map: (converted dataset, format)."""
-    raw = sources.open_source(source, where)
+def _convert_source(raw: sources.RawSource, source: DataSource, where: str, known_formats,
+                    converter_for: Callable[[str], convert.RowConverter], features_for: Callable[[str], Any],
+                    num_proc: int | None):
+    """An opened source's format settled and its rows converted by a batched map: (converted dataset, format)."""
     fmt = convert.detect_format(raw, source, where, known_formats)
     return convert.convert(raw, source, converter_for(fmt), features_for(fmt), num_proc), fmt
 
 
 def sft_source(source: DataSource, where: str, system_prompt: str | None = None,
                num_proc: int | None = None) -> tuple[Any, SourceReport]:
-    """One source's conversations as a ``{"messages": [...]}`` dataset, and its report."""
+    """One source's SFT rows as a dataset (``{"messages": [...]}``, or ``{"text": ...}`` for raw text), and its
+    report."""
+    raw = sources.open_source(source, where)
+    tools = sources.mentions_tools(raw)
 
     def converter_for(fmt: str) -> convert.RowConverter:
-        to_messages = formats.SFT_FORMATS[fmt]
-        return lambda row, _row_number: {"messages": formats.add_system_prompt(to_messages(row), system_prompt)}
+        return lambda row, _row_number: formats.sft_row(fmt, row, system_prompt)
 
-    converted, fmt = _convert_source(source, where, formats.SFT_FORMATS, converter_for, columns.sft, num_proc)
+    converted, fmt = _convert_source(raw, source, where, formats.SFT_FORMATS, converter_for,
+                                     lambda fmt: columns.sft(fmt, tools), num_proc)
     report = convert.report_of(converted, where, source, fmt)
     return convert.kept_rows(converted, report), report
 
@@ -55,12 +58,22 @@ def sft_source(source: DataSource, where: str, system_prompt: str | None = None,
 def load_sft_source(source: DataSource, where: str, system_prompt: str | None = None) -> tuple[list, SourceReport]:
     """Normalised conversations of one source (as Python lists) and its report."""
     dataset, report = sft_source(source, where, system_prompt)
-    return dataset["messages"], report
+    return dataset["text" if "text" in dataset.column_names else "messages"], report
 
 
 def load_sft_data(settings: DataSettings) -> PreparedData:
     """The SFT mixture as ``{"messages": [...]}`` datasets, with a held-out split."""
-    load = lambda source, where: sft_source(source, where, settings.system_prompt, settings.num_proc)  # noqa: E731
+    kinds: dict[str, str] = {}  # where -> "raw text" or "conversations"
+
+    def load(source: DataSource, where: str) -> tuple[Any, SourceReport]:
+        dataset, report = sft_source(source, where, settings.system_prompt, settings.num_proc)
+        kinds[f"{where} ({source.path})"] = "raw text" if report.format == "text" else "conversations"
+        if len(set(kinds.values())) > 1:
+            found = "; ".join(f"{kind} in {name}" for name, kind in kinds.items())
+            raise DataError(f"raw text and conversations cannot be mixed in one SFT dataset ({found}): TRL trains "
+                            "on one or the other; convert one of them, or train them in two steps")
+        return dataset, report
+
     return _prepare(settings, load)
 
 
@@ -73,8 +86,9 @@ def _prepare(settings: DataSettings, load_source: Callable[[DataSource, str], tu
             where = f"data.{group}[{index}]"
             loaded[where], report = load_source(source, where)
             reports.append(report)
-    train = [dataset for where, dataset in loaded.items() if where.startswith("data.train")]
-    eval_sets = [dataset for where, dataset in loaded.items() if where.startswith("data.eval")]
+    aligned = dict(zip(loaded, _aligned(list(loaded.values()))))
+    train = [dataset for where, dataset in aligned.items() if where.startswith("data.train")]
+    eval_sets = [dataset for where, dataset in aligned.items() if where.startswith("data.eval")]
     train_set, eval_set = mix(settings, train, eval_sets, expand)
     return PreparedData(train=train_set, eval=eval_set, reports=reports)
 
@@ -106,8 +120,10 @@ def preference_source(source: DataSource, where: str, kind: PreferenceKind,
 
         return run
 
-    converted, fmt = _convert_source(source, where, formats.PREFERENCE_FORMATS, converter_for, columns.preference,
-                                     num_proc)
+    raw = sources.open_source(source, where)
+    tools = sources.mentions_tools(raw)
+    converted, fmt = _convert_source(raw, source, where, formats.PREFERENCE_FORMATS, converter_for,
+                                     lambda fmt: columns.preference(fmt, tools), num_proc)
     if fmt != "unpaired":
         converted = _settle_margins(converted, keep=kind == "pairs")
     report = convert.report_of(converted, where, source, fmt)
@@ -170,17 +186,25 @@ def _has_tools(dataset) -> bool:
 
 
 def _aligned(datasets_: list) -> list:
-    """Datasets given every column any of them has (null where a dataset lacks it), so they concatenate."""
+    """Datasets given the same columns, so they concatenate: a column some lack is added as null (KTO's
+    mixture of pairs and unpaired rows), and messages without tool columns get them (null) when another
+    source's messages have them."""
+    from datasets import Features
+
     features: dict[str, Any] = {}
     for dataset in datasets_:
         for name, feature in dataset.features.items():
-            features.setdefault(name, feature)
+            if name not in features or ("tool_calls" in str(feature) and "tool_calls" not in str(features[name])):
+                features[name] = feature
     aligned = []
     for dataset in datasets_:
         for name, feature in features.items():
             if name not in dataset.column_names:
                 dataset = dataset.add_column(name, [None] * len(dataset), feature=feature)
-        aligned.append(dataset.select_columns(list(features)))
+        dataset = dataset.select_columns(list(features))
+        if dataset.features != Features(features):
+            dataset = dataset.cast(Features(features))
+        aligned.append(dataset)
     return aligned
 
 
@@ -203,9 +227,6 @@ def load_preference_data(settings: DataSettings, kind: PreferenceKind) -> Prepar
                                               settings.num_proc)
     if kind == "pairs":
         _check_margins_agree(loaded)
-    else:
-        aligned = _aligned([dataset for dataset, _ in loaded.values()])
-        loaded = {where: (dataset, report) for (where, (_, report)), dataset in zip(loaded.items(), aligned)}
     return _prepare(settings, lambda source, where: loaded[where], _to_unpaired if kind == "unpaired" else None)
 
 

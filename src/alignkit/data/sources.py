@@ -83,6 +83,24 @@ def open_source(source: DataSource, where: str, streaming: bool = False) -> RawS
                            split_name=source.split, revision=source.revision, streaming=streaming), lines=False)
 
 
+def mentions_tools(raw: RawSource) -> bool:
+    """Whether the source may hold tool calls, tool turns or tool lists, so that its messages need the columns
+    for them (see :func:`alignkit.data.columns.message`): its schema names them, or (JSON lines) some line
+    mentions them, found by Arrow's substring search rather than by parsing. A false alarm only adds null
+    columns; streaming sources are judged by their first rows."""
+    import pyarrow.compute as pc
+
+    names = ("tool_calls", "tool_call_id", "tools", "tool")
+    if not raw.lines:
+        described = str(raw.dataset.features) + " " + " ".join(raw.dataset.column_names or [])
+        return any(name in described for name in names[:3])
+    pattern = "|".join(f'"{name}"' for name in names)
+    if not hasattr(raw.dataset, "data"):  # streaming
+        lines = [row[LINE] for row, _ in zip(raw.dataset, range(1000))]
+        return any(f'"{name}"' in line for line in lines for name in names)
+    return len(raw.dataset) > 0 and pc.any(pc.match_substring_regex(raw.dataset.data.column(LINE), pattern)).as_py()
+
+
 def _lines():
     from datasets import Features, Value
 

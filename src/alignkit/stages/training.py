@@ -152,6 +152,7 @@ def fit(recipe: Recipe, run: RunDir, *, config_class: type, trainer_class: type,
     # when it loads (a reward model's new head) would depend on whatever drew random numbers before.
     set_seed(args.seed)
     model, tokenizer, peft_config = load_model_and_tokenizer(recipe, args, head)
+    warn_unrendered_tools(tokenizer, data)
     trainer = build_trainer(trainer_class, model=model, args=args, train_dataset=data.train,
                             eval_dataset=data.eval if trainer_eval else None, processing_class=tokenizer,
                             peft_config=peft_config, **trainer_kwargs)
@@ -195,6 +196,19 @@ def check_rows_kept(trainer, data: PreparedData, trainer_eval: bool = True) -> N
         if len(after) == 0:
             raise DataError(f"{what}, so none is left; raise train.max_length or shorten the prompts")
         logger.warning("%s; using the other %d", what, len(after))
+
+
+def warn_unrendered_tools(tokenizer, data: PreparedData) -> None:
+    """Tool calls, tool turns and tool lists reach the chat template through TRL; a template that does not
+    read them drops them silently, so say so."""
+    features = getattr(data.train, "features", None)
+    if features is None or "tool_calls" not in str(features):
+        return
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if "tool_calls" not in template:
+        logger.warning("the data has tool calls or tool turns, but the chat template does not render tool_calls: "
+                       "the model will not see them; use a model (or train.chat_template_path) whose template "
+                       "supports tools")
 
 
 def record_data(run: RunDir, data: PreparedData) -> None:
