@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, Literal
 
-from alignkit.data import columns, convert, formats, sources
+from alignkit.data import columns, convert, formats, sources, streaming
 from alignkit.data.cache import prepare
 from alignkit.data.convert import pick_template
 from alignkit.data.mixing import apply_weight, mix, split_eval
@@ -65,8 +65,14 @@ def load_sft_data(settings: DataSettings) -> PreparedData:
     """The SFT mixture as ``{"messages": [...]}`` datasets, with a held-out split."""
     kinds: dict[str, str] = {}  # where -> "raw text" or "conversations"
 
+    def converter_for(fmt: str) -> convert.RowConverter:
+        return lambda row, _row_number: formats.sft_row(fmt, row, settings.system_prompt)
+
     def load(source: DataSource, where: str) -> tuple[Any, SourceReport]:
-        dataset, report = sft_source(source, where, settings.system_prompt, settings.num_proc)
+        if settings.streaming:
+            dataset, report = streaming.stream_source(source, where, formats.SFT_FORMATS, converter_for, columns.sft)
+        else:
+            dataset, report = sft_source(source, where, settings.system_prompt, settings.num_proc)
         kinds[f"{where} ({source.path})"] = "raw text" if report.format == "text" else "conversations"
         if len(set(kinds.values())) > 1:
             found = "; ".join(f"{kind} in {name}" for name, kind in kinds.items())
@@ -74,7 +80,7 @@ def load_sft_data(settings: DataSettings) -> PreparedData:
                             "on one or the other; convert one of them, or train them in two steps")
         return dataset, report
 
-    return _prepare(settings, load)
+    return streaming.prepare_stream(settings, load) if settings.streaming else _prepare(settings, load)
 
 
 def _prepare(settings: DataSettings, load_source: Callable[[DataSource, str], tuple[Any, SourceReport]],
@@ -396,9 +402,10 @@ def _unstorable(loaded: dict[str, tuple[list, SourceReport]], columns: list[str]
 
 def countable(settings: DataSettings) -> bool:
     """Whether every source can be read here without a download (local files and demo sets), so that
-    ``alignkit plan`` and ``alignkit validate`` prepare the data and count its rows."""
+    ``alignkit plan`` and ``alignkit validate`` prepare the data and count its rows (a stream is not counted)."""
     every = [*settings.train, *(settings.eval or [])]
-    return bool(settings.train) and all(sources.is_local(s.path) or sources.is_demo(s.path) for s in every)
+    return (bool(settings.train) and not settings.streaming
+            and all(sources.is_local(s.path) or sources.is_demo(s.path) for s in every))
 
 
 def check_sources(settings: DataSettings) -> None:

@@ -68,7 +68,7 @@ def prepare(settings: DataSettings, load_data: Callable[[DataSettings], Prepared
     data, else prepared and saved there. Under a launch of several processes the main one prepares first and
     the others read what it saved. The result's ``cache_key`` names the entry; ``from_cache`` says whether this
     process read it."""
-    if not settings.cache:
+    if not settings.cache or settings.streaming:  # a stream is read as the run goes, never prepared ahead
         return load_data(settings)
     key = cache_key(settings, loader_name(load_data))
     directory = data_cache_dir() / key

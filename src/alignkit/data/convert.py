@@ -166,8 +166,10 @@ def convert(raw: RawSource, source: DataSource, convert_row: RowConverter, featu
     if hasattr(dataset, "select") and len(dataset) == 0:  # datasets returns an empty dataset unmapped
         return Dataset.from_dict({name: [] for name in out_features}, features=out_features)
     function = batch_converter(raw, source, convert_row, columns)
+    # A stream of a typed file may not know its columns before its first row.
+    names = dataset.column_names if dataset.column_names is not None else list(next(iter(dataset), {}))
     options: dict[str, Any] = {"batched": True, "batch_size": BATCH_SIZE, "with_indices": True,
-                               "remove_columns": list(dataset.column_names or []), "features": out_features}
+                               "remove_columns": names, "features": out_features}
     if hasattr(dataset, "select"):  # in memory or memory-mapped; streaming maps lazily and in one process
         options["num_proc"] = num_proc or default_num_proc(len(dataset))
         options["desc"] = f"Converting {source.path}"

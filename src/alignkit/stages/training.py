@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit import distributed
-from alignkit.data import PreparedData, prepare
+from alignkit.data import PreparedData, prepare, streaming
 from alignkit.errors import DataError, RecipeError
 from alignkit.models import adapters, modeling
 from alignkit.recipe.loading import QUANTISED_FULL_FINE_TUNE, Recipe
@@ -163,6 +163,9 @@ def fit(recipe: Recipe, run: RunDir, *, config_class: type, trainer_class: type,
     if before_train is not None:
         metrics |= before_train(trainer, tokenizer, data)
     metrics |= train(trainer, run, eval_names or {})
+    if recipe.data.streaming:  # the sources' reports now count the rows the run read
+        streaming.log_final_reports(data)
+        record_data(run, data)
     return Fitted(trainer=trainer, tokenizer=tokenizer, data=data, metrics=metrics)
 
 
@@ -214,7 +217,9 @@ def warn_unrendered_tools(tokenizer, data: PreparedData) -> None:
 def record_data(run: RunDir, data: PreparedData) -> None:
     """Write ``data.json``: rows used for training and evaluation, the prepared-data cache key, and each source's
     report (skipped rows)."""
-    run.write_json("data.json", {"train_rows": len(data.train), "eval_rows": len(data.eval or []),
+    streamed = not hasattr(data.train, "__len__")  # counted as read: see the sources' reports
+    run.write_json("data.json", {"train_rows": None if streamed else len(data.train),
+                                 "eval_rows": len(data.eval or []), "streaming": streamed,
                                  "cache_key": data.cache_key, "sources": [r.to_dict() for r in data.reports]})
 
 

@@ -80,6 +80,13 @@ class DataSettings:
         metadata={"help": "Processes converting a source's rows (a batched datasets map). Default: 1 for a source of "
                   "under 50,000 rows, else one per CPU core up to 8."},
     )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "sft only: read the sources as the run goes (datasets' IterableDataset), for corpora "
+                  "larger than memory; needs train.max_steps, mixes sources with probabilities in proportion to "
+                  "their weights, holds out eval_size rows (a count) from the start of the mixture, and reports "
+                  "bad rows as it goes and at the end. Not cached."},
+    )
     cache: bool = field(
         default=True,
         metadata={"help": "Save the prepared data under alignkit's cache (~/.cache/alignkit/data, or "
