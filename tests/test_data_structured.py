@@ -160,3 +160,33 @@ def test_tool_calling_conversation_reaches_a_template_that_supports_tools(tmp_pa
     assert rendered.endswith("<assistant>Yes, it is raining in Oslo (7 degrees).\n")
     plain = tokenizer.apply_chat_template(plain_row["messages"], chat_template=TOOL_TEMPLATE, tokenize=False)
     assert plain == "<user>Say hi\n<assistant>hi\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# TRL's own dataset types
+# --------------------------------------------------------------------------------------------------
+
+
+def test_trl_dataset_types_are_read_as_they_are(tmp_path: Path) -> None:
+    """TRL's documented types go in unchanged: language modelling (text, messages), prompt-completion
+    (conversational), preference (explicit prompt) and unpaired preference; stepwise supervision is refused
+    with the reason (it trains process reward models, which no alignkit stage does)."""
+    language = write_jsonl(tmp_path / "lm.jsonl", [{"text": "The sky is blue."}])
+    assert load_sft_source(DataSource(path=str(language)), WHERE)[0] == ["The sky is blue."]
+    completion = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": [user("The sky is")],
+                                                      "completion": [assistant("blue.")]}])
+    assert load_sft_source(DataSource(path=str(completion)), WHERE)[0] == [[user("The sky is"), assistant("blue.")]]
+    preference = write_jsonl(tmp_path / "pref.jsonl", [{"prompt": [user("The sky is")], "chosen": [assistant("blue.")],
+                                                        "rejected": [assistant("green.")]}])
+    assert load_preference_source(DataSource(path=str(preference)), WHERE, "pairs")[0] == [
+        {"prompt": [user("The sky is")], "chosen": [assistant("blue.")], "rejected": [assistant("green.")]}]
+    unpaired = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": [user("The sky is")], "completion": [assistant("blue.")],
+                                                     "label": True}])
+    assert load_preference_source(DataSource(path=str(unpaired)), WHERE, "unpaired")[0] == [
+        {"prompt": [user("The sky is")], "completion": [assistant("blue.")], "label": True}]
+    stepwise = write_jsonl(tmp_path / "steps.jsonl", [{"prompt": "Which number is larger, 9.8 or 9.11?",
+                                                       "completions": ["11 is larger than 8.", "So 9.11 is larger."],
+                                                       "labels": [False, False]}])
+    with pytest.raises(DataError) as info:
+        load_preference_source(DataSource(path=str(stepwise)), WHERE, "pairs")
+    assert "stepwise supervision" in str(info.value) and "steps.jsonl" in str(info.value)

@@ -7,6 +7,12 @@ conversational pairs or unpaired rows (:func:`load_preference_data`); prompt dat
 
 Bad rows never stop a run: each source's rows that do not fit its format are counted by reason and
 reported (with the first offending row number); a source left with no valid rows is an error.
+
+Everything runs in Arrow: sources open through ``datasets`` (:mod:`~alignkit.data.sources`), rows are
+converted by a batched ``Dataset.map`` (:mod:`~alignkit.data.convert`), mixed and split by index selection
+(:mod:`~alignkit.data.mixing`); :func:`prepare` caches the result by content (:mod:`~alignkit.data.cache`);
+``data.streaming`` reads SFT sources as the run goes (:mod:`~alignkit.data.streaming`). The ``load_*_source``
+functions return one source's rows as Python lists, for tests and small tools.
 """
 
 from __future__ import annotations

@@ -95,6 +95,9 @@ def detect_format(raw: RawSource, source: DataSource, where: str, known_formats:
         except formats.RowError:
             continue
         if (detected := formats.detect_format(row, known)) is not None:
+            if detected == "rated" and "labels" in row and "ratings" not in row:
+                raise DataError(f"{where}: '{source.path}' holds TRL's stepwise supervision rows (prompt, completions, "
+                                "labels per step), which train process reward models; no alignkit stage does")
             return detected
         first_undetected = first_undetected or row
         if source.max_rows is not None and row_number >= source.max_rows and not raw.lines:

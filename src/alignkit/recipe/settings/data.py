@@ -13,8 +13,8 @@ class DataSource:
     SHORTHAND_FIELD = "path"  # `- demo:reverse/sft` is short for `- {path: demo:reverse/sft}`
 
     path: str = field(
-        metadata={"help": "Local .jsonl/.json/.parquet/.csv file or directory, hub dataset id, or demo:<task>/<kind>. "
-                  "Relative paths are relative to the working directory."}
+        metadata={"help": "Local .jsonl/.json/.parquet/.csv/.arrow file or directory, hub dataset id, or "
+                  "demo:<task>/<kind>. Relative paths are relative to the working directory."}
     )
     split: str = field(default="train", metadata={"help": "Split to read (demo sets have train and test)."})
     name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
@@ -22,7 +22,8 @@ class DataSource:
     format: str = field(
         default="auto",
         metadata={"help": "Row format: auto (detect from columns); for SFT messages, prompt_completion, alpaca, "
-                  "sharegpt; for preference stages preference, implicit_preference, rated, unpaired; for RL stages "
+                  "sharegpt, text (raw text, loss on every token); for preference stages preference, "
+                  "implicit_preference, rated, unpaired; for RL stages "
                   "(ppo, grpo, rloo) prompt_only, prompt_completion, messages (the last assistant turn or the "
                   "completion becomes a reference column; other columns reach the reward functions)."},
     )
