@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from functools import partial
 from pathlib import Path
 
 import pytest
 from conftest import REPO, run_cli, write_jsonl
 from test_multiprocess import CPU_CONFIG, accelerate_launch
 
-from alignkit.data import cache, load_sft_data, prepare
+from alignkit.data import cache, load_preference_data, load_sft_data, prepare
 from alignkit.recipe.settings import DataSettings, DataSource
 
 
@@ -90,3 +91,11 @@ def test_validate_and_plan_count_the_same_prepared_rows(tmp_path: Path) -> None:
     planned = run_cli("plan", str(recipe))
     assert planned.returncode == 0, planned.stderr
     assert "36 training rows, 4 held out" in planned.stdout and f"(prepared data {key})" in planned.stdout
+
+
+def test_the_loader_is_named_alike_in_every_process() -> None:
+    """The stages pass partials: their key part must not be a repr with a memory address."""
+    pairs = cache.loader_name(partial(load_preference_data, kind="pairs"))
+    assert pairs == "alignkit.data.load_preference_data(kind='pairs')"
+    assert cache.loader_name(partial(load_preference_data, kind="unpaired")) != pairs
+    assert cache.loader_name(load_sft_data) == "alignkit.data.load_sft_data"

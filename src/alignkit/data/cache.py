@@ -11,6 +11,7 @@ the next run too (an in-memory dataset has none and is tokenised again every tim
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -60,7 +61,13 @@ def cache_key(settings: DataSettings, loader: str) -> str:
 
 
 def loader_name(load_data: Callable) -> str:
-    return f"{getattr(load_data, '__module__', '?')}.{getattr(load_data, '__qualname__', repr(load_data))}"
+    """The loader as the same text in every process and run (never a repr with a memory address): its module
+    and qualified name, with a partial's bound arguments (the stages pass ``partial(load_preference_data,
+    kind="pairs")``)."""
+    if isinstance(load_data, functools.partial):
+        bound = [repr(arg) for arg in load_data.args] + [f"{k}={v!r}" for k, v in sorted(load_data.keywords.items())]
+        return f"{loader_name(load_data.func)}({', '.join(bound)})"
+    return f"{load_data.__module__}.{load_data.__qualname__}"
 
 
 def prepare(settings: DataSettings, load_data: Callable[[DataSettings], PreparedData]) -> PreparedData:
