@@ -45,17 +45,18 @@ def _convert_source(raw: sources.RawSource, source: DataSource, where: str, know
     return convert.convert(raw, source, converter_for(fmt), features_for(fmt), num_proc), fmt
 
 
+def _sft_converters(system_prompt: str | None) -> Callable[[str], convert.RowConverter]:
+    """``converter_for(format)`` of SFT rows (:func:`formats.sft_row`)."""
+    return lambda fmt: lambda row, _row_number: formats.sft_row(fmt, row, system_prompt)
+
+
 def sft_source(source: DataSource, where: str, system_prompt: str | None = None,
                num_proc: int | None = None) -> tuple[Any, SourceReport]:
     """One source's SFT rows as a dataset (``{"messages": [...]}``, or ``{"text": ...}`` for raw text), and its
     report."""
     raw = sources.open_source(source, where)
     tools = sources.mentions_tools(raw)
-
-    def converter_for(fmt: str) -> convert.RowConverter:
-        return lambda row, _row_number: formats.sft_row(fmt, row, system_prompt)
-
-    converted, fmt = _convert_source(raw, source, where, formats.SFT_FORMATS, converter_for,
+    converted, fmt = _convert_source(raw, source, where, formats.SFT_FORMATS, _sft_converters(system_prompt),
                                      lambda fmt: columns.sft(fmt, tools), num_proc)
     report = convert.report_of(converted, where, source, fmt)
     return convert.kept_rows(converted, report), report
@@ -68,15 +69,14 @@ def load_sft_source(source: DataSource, where: str, system_prompt: str | None = 
 
 
 def load_sft_data(settings: DataSettings) -> PreparedData:
-    """The SFT mixture as ``{"messages": [...]}`` datasets, with a held-out split."""
+    """The SFT mixture as ``{"messages": [...]}`` (or raw ``{"text": ...}``) datasets, with a held-out split;
+    streamed (``IterableDataset`` for training) when ``settings.streaming``."""
     kinds: dict[str, str] = {}  # where -> "raw text" or "conversations"
-
-    def converter_for(fmt: str) -> convert.RowConverter:
-        return lambda row, _row_number: formats.sft_row(fmt, row, settings.system_prompt)
 
     def load(source: DataSource, where: str) -> tuple[Any, SourceReport]:
         if settings.streaming:
-            dataset, report = streaming.stream_source(source, where, formats.SFT_FORMATS, converter_for, columns.sft)
+            dataset, report = streaming.stream_source(source, where, formats.SFT_FORMATS,
+                                                      _sft_converters(settings.system_prompt), columns.sft)
         else:
             dataset, report = sft_source(source, where, settings.system_prompt, settings.num_proc)
         kinds[f"{where} ({source.path})"] = "raw text" if report.format == "text" else "conversations"

@@ -49,6 +49,5 @@ def preference(fmt: str, tools: bool = False):
 
 
 def unpaired(tools: bool = False):
-    from datasets import Features, Value
-
-    return Features({"prompt": messages(tools), "completion": messages(tools), "label": Value("bool")})
+    """Columns of KTO's unpaired rows."""
+    return preference("unpaired", tools)
