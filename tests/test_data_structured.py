@@ -190,3 +190,18 @@ def test_trl_dataset_types_are_read_as_they_are(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         load_preference_source(DataSource(path=str(stepwise)), WHERE, "pairs")
     assert "stepwise supervision" in str(info.value) and "steps.jsonl" in str(info.value)
+
+
+def test_arrow_files_and_directories_load_through_datasets(tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    rows = [{"prompt": "2+2?", "completion": "4"}, {"prompt": "3+3?", "completion": "6"}]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    expected = [[user("2+2?"), assistant("4")], [user("3+3?"), assistant("6")]]
+    assert load_sft_source(DataSource(path=str(arrow)), WHERE)[0] == expected
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for index, row in enumerate(rows):
+        Dataset.from_list([row]).to_parquet(str(shards / f"part-{index}.parquet"))
+    assert sorted(load_sft_source(DataSource(path=str(shards)), WHERE)[0], key=str) == sorted(expected, key=str)
