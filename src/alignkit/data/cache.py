@@ -87,9 +87,14 @@ def prepare(settings: DataSettings, load_data: Callable[[DataSettings], Prepared
             data = load_data(settings)
             data.from_cache = False
             if not distributed.launched() or distributed.is_main_process():
-                _write(directory, data)
-                data = _read(directory)  # memory-mapped, with the fingerprint every later run will see
-                data.from_cache = False
+                try:
+                    _write(directory, data)
+                except OSError as err:  # a full or read-only disk costs the reuse, not the run
+                    logger.warning("data: could not save the prepared data in %s (%s); it is prepared again on "
+                                   "the next run", directory, err)
+                else:
+                    data = _read(directory)  # memory-mapped, with the fingerprint every later run will see
+                    data.from_cache = False
         data.cache_key = key
     _record(data)
     logger.info("data: %s (cache key %s, %s)", "read from the cache" if data.from_cache else "prepared",
