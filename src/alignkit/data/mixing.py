@@ -48,11 +48,14 @@ def mix(settings: DataSettings, train: Sequence[Any], eval_sets: Sequence[Any],
     so they are not neighbours: TRL's KTO trainer takes each row's neighbour's completion as the mismatched
     sample of its KL estimate.
     """
-    from datasets import concatenate_datasets
+    from datasets import Dataset, concatenate_datasets
 
     rng = random.Random(settings.seed)
     weighted = [apply_weight(dataset, source.weight, rng) for dataset, source in zip(train, settings.train)]
-    train_set = concatenate_datasets(weighted).shuffle(seed=settings.seed)
+    if weighted:
+        train_set = concatenate_datasets(weighted).shuffle(seed=settings.seed)
+    else:  # an evaluation recipe: held-out sources only, no training rows (with the held-out rows' columns)
+        train_set = eval_sets[0].select([]) if eval_sets else Dataset.from_dict({})
     eval_set = concatenate_datasets(list(eval_sets)) if eval_sets else None
     if eval_set is None and settings.eval_size > 0:
         train_set, eval_set = split_eval(train_set, settings.eval_size)
