@@ -98,18 +98,28 @@ def load_reward_functions(settings: RewardSettings) -> list[RewardFunction]:
     return functions
 
 
+def source_rewards(functions: Sequence[RewardFunction], prompts: Sequence, completions: Sequence[str],
+                   columns: dict[str, list] | None = None) -> list[list[float]]:
+    """Every function's rewards for the answers, one list per function (None, a reward a function could not give,
+    becomes NaN)."""
+    rewards_by_function = []
+    for function in functions:
+        rewards = function(prompts=list(prompts), completions=list(completions), **(columns or {}))
+        if len(rewards) != len(completions):
+            raise ValueError(f"reward function {function.__name__} returned {len(rewards)} rewards for "
+                             f"{len(completions)} completions")
+        rewards_by_function.append([float("nan") if r is None else float(r) for r in rewards])
+    return rewards_by_function
+
+
 def weighted_reward(functions: Sequence[RewardFunction], weights: Sequence[float], prompts: Sequence,
                     completions: Sequence[str], columns: dict[str, list] | None = None) -> tuple[list[float],
                                                                                              dict[str, float]]:
     """The weighted sum of every function's rewards, and each function's mean (for logging)."""
     total = [0.0] * len(completions)
     means: dict[str, float] = {}
-    for function, weight in zip(functions, weights, strict=True):
-        rewards = function(prompts=list(prompts), completions=list(completions), **(columns or {}))
-        if len(rewards) != len(completions):
-            raise ValueError(f"reward function {function.__name__} returned {len(rewards)} rewards for "
-                             f"{len(completions)} completions")
-        values = [float("nan") if r is None else float(r) for r in rewards]
+    for function, weight, values in zip(functions, weights, source_rewards(functions, prompts, completions, columns),
+                                        strict=True):
         means[function.__name__] = sum(values) / len(values)
         total = [t + weight * v for t, v in zip(total, values)]
     return total, means

@@ -335,6 +335,9 @@ RANGES: dict[str, tuple[Range, ...]] = {
     "train.cliprange_value": (above(0),),
     "train.gamma": (fraction(),),
     "train.lam": (fraction(),),
+    "train.n_samples_per_prompt": (at_least(1),),
+    "train.critic_learning_rate": (above(0),),
+    "train.freezing_actor_steps": (at_least(0),),
     # adapter: the peft config of adapter.method
     "adapter.r": (at_least(1),),
     "adapter.lora_alpha": (above(0),),

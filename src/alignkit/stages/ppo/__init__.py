@@ -11,20 +11,22 @@ model), ``ppo_log.jsonl`` (every update's statistics), ``samples.jsonl``, ``metr
   ppo/eval_reward_start, _end       mean reward of greedy answers to the held-out prompts, before and after
 
 Modules: ``config`` (``PPOConfig``, TRL 1.12's names), ``core`` (the arithmetic on padded response batches:
-GAE, KL estimators, rewards, clipped losses), ``sampling`` (batch-independent per-prompt sampling),
+GAE, KL estimators, rewards, clipped losses), ``sampling`` (batch-independent per-answer sampling, where an
+answer stops), ``scores`` (from the reward sources' rewards to the score: running normalisation, clipping),
 ``models`` (policy, reference and critic), ``trainer`` (rollouts, updates, checkpoints).
 """
 
 from __future__ import annotations
 
 from alignkit.data import load_prompt_data, prepare
-from alignkit.feedback.rewards import load_reward_functions, weighted_reward
+from alignkit.feedback.rewards import load_reward_functions
 from alignkit.recipe.loading import Recipe
 from alignkit.recipe.settings import RewardSettings
 from alignkit.runs.rundir import RunDir
 from alignkit.stages import Stage, training
 from alignkit.stages.ppo.config import PPOConfig
 from alignkit.stages.ppo.models import build_actor_critic
+from alignkit.stages.ppo.scores import RewardSources
 from alignkit.stages.ppo.trainer import PPOTrainer, checkpoint_to_resume
 from alignkit.stages.rl_common import eval_generation, held_out_prompts
 
@@ -45,9 +47,7 @@ def build_trainer(recipe: Recipe, run_dir: RunDir) -> PPOTrainer:
     training.record_data(run_dir, data)
     settings: RewardSettings = recipe.sections["reward"]
     functions = load_reward_functions(settings)
-
-    def reward(prompts, completions, columns):
-        return weighted_reward(functions, settings.weights, prompts, completions, columns)
+    reward = RewardSources(functions, settings.weights)
 
     # What the models create at random as they load (new adapters, a critic's head) follows train.seed.
     set_seed(args.seed)

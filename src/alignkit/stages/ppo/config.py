@@ -4,11 +4,15 @@ It extends transformers' ``TrainingArguments`` (learning rate, schedule, warmup,
 max_grad_norm, bf16...) with PPO's own options. Names follow TRL 1.12's ``PPOConfig`` where it had the
 option, so a TRL PPO script's settings carry over: ``num_ppo_epochs``, ``num_mini_batches``,
 ``response_length``, ``kl_coef``, ``kl_estimator``, ``cliprange``, ``cliprange_value``, ``vf_coef``,
-``gamma``, ``lam``, ``whiten_rewards``, ``missing_eos_penalty``, ``total_episodes``.
+``gamma``, ``lam``, ``whiten_rewards``, ``missing_eos_penalty``, ``total_episodes``. What TRL 1.12's PPO
+lacked takes the name users know from elsewhere: OpenRLHF's (``n_samples_per_prompt``, ``normalize_reward``,
+``reward_clip_range``, ``critic_learning_rate``, ``freezing_actor_steps``), transformers' generation option
+``stop_strings``, and vLLM's ``stop_token_ids`` (TRL 1.12's ``stop_token_id``, for several ids).
 
 Batch sizes, per process and per PPO update, as TRL 1.12 defined them:
-  rollout batch = per_device_train_batch_size * gradient_accumulation_steps prompts, each answered once;
-  minibatch     = rollout batch / num_mini_batches rows: one optimizer step each;
+  rollout batch = per_device_train_batch_size * gradient_accumulation_steps prompts, each answered
+                  n_samples_per_prompt times (once by default, as in TRL 1.12);
+  minibatch     = rollout batch's answers / num_mini_batches rows: one optimizer step each;
   micro-batch   = at most per_device_train_batch_size rows: one forward/backward, accumulated per minibatch.
 One update makes ``num_ppo_epochs * num_mini_batches`` optimizer steps. ``max_steps`` counts updates.
 
@@ -69,7 +73,9 @@ class PPOConfig(TrainingArguments):
     """Options of alignkit's PPO trainer: its own, and the TrainingArguments options it honours."""
 
     # Overridden TrainingArguments defaults: PPO is run in updates, logged and saved per update.
-    learning_rate: float = field(default=3e-6, metadata={"help": "Learning rate of the policy and the critic."})
+    learning_rate: float = field(
+        default=3e-6, metadata={"help": "Learning rate of the policy, and of the critic unless critic_learning_rate."}
+    )
     optim: str = field(
         default="adamw_torch",
         metadata={"help": "The optimizer, by transformers' names (see OPTIMIZERS). Default: torch's AdamW "
@@ -112,6 +118,26 @@ class PPOConfig(TrainingArguments):
     total_episodes: int | None = field(
         default=None, metadata={"help": "Number of answers to train on in total (sets the number of updates)."}
     )
+    n_samples_per_prompt: int = field(
+        default=1,
+        metadata={"help": "Answers sampled per prompt in a rollout (OpenRLHF's name): the rollout batch holds this "
+                  "many times per_device_train_batch_size * gradient_accumulation_steps answers, each with its own "
+                  "sampling noise, and advantages stay per token, each answer's own. total_episodes counts answers. "
+                  "(TRL's GRPO / RLOO num_generations is the same idea, but there the batch size counts answers.)"},
+    )
+    stop_token_ids: list[int] | None = field(
+        default=None,
+        metadata={"help": "Token ids that end an answer besides the tokenizer's EOS (vLLM's name; TRL 1.12's "
+                  "stop_token_id, for several ids), e.g. a chat model's end-of-turn token: the answer is cut after "
+                  "the first, which counts as its EOS for the score and missing_eos_penalty."},
+    )
+    stop_strings: list[str] | None = field(
+        default=None,
+        metadata={"help": "Strings that end an answer (transformers' generation option): the answer is cut after the "
+                  "token that completes the first one in its text; that answer counts as finished (no "
+                  "missing_eos_penalty), and the text the rewards read ends before the string. Matched in the text "
+                  "without special tokens: give a special token by id, in stop_token_ids."},
+    )
     local_rollout_forward_batch_size: int = field(
         default=64, metadata={"help": "Rows per generate() call and per no-grad forward pass during rollouts."}
     )
@@ -126,6 +152,24 @@ class PPOConfig(TrainingArguments):
         default=None,
         metadata={"help": "Subtracted from the score of answers that hit response_length without an EOS token, "
                   "so the policy learns to finish its answers (null: no penalty)."},
+    )
+    normalize_reward: bool = field(
+        default=False,
+        metadata={"help": "Standardise the score with the running mean and standard deviation of every score so far "
+                  "(the summed reward, before missing_eos_penalty and reward_clip_range); the statistics are saved "
+                  "in checkpoints. OpenRLHF's name; there the statistics are the reward model's, fixed when it was "
+                  "trained (TRL <= 0.11 called running ones use_score_scaling + use_score_norm)."},
+    )
+    normalize_reward_per_source: bool = field(
+        default=False,
+        metadata={"help": "Standardise each reward source's reward with its own running mean and standard deviation "
+                  "before the weighted sum, so sources on different scales weigh in by their weight alone; saved in "
+                  "checkpoints."},
+    )
+    reward_clip_range: tuple[float, float] | None = field(
+        default=None,
+        metadata={"help": "[low, high]: clamp every score PPO trains on into this range, after normalisation and "
+                  "missing_eos_penalty (OpenRLHF's name; there it defaults to [-10, 10]; null: no clipping)."},
     )
     kl_coef: float = field(default=0.05, metadata={"help": "Weight of the per-token KL penalty to the reference."})
     kl_estimator: Literal["k1", "k3"] = field(
@@ -153,6 +197,17 @@ class PPOConfig(TrainingArguments):
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss in the total loss."})
     gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    critic_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the critic (its adapter or model, and value head), OpenRLHF's name; null: "
+                  "learning_rate. The schedule (lr_scheduler_type, warmup_steps) scales both alike."},
+    )
+    freezing_actor_steps: int = field(
+        default=0,
+        metadata={"help": "Critic warm-up (OpenRLHF's name): for this many first PPO updates only the critic "
+                  "trains, so the advantages the policy first learns from come from a critic that fits the "
+                  "returns; the policy's learning-rate schedule starts when the policy does. 0: none."},
+    )
     critic_init: Literal["auto", "reward_model", "policy"] = field(
         default="auto",
         metadata={"help": "Where the critic starts. reward_model: a trainable copy of the (first) reward model, "
@@ -167,24 +222,49 @@ class PPOConfig(TrainingArguments):
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
 
     @property
+    def local_rollout_answers(self) -> int:
+        """Answers sampled per PPO update on this process."""
+        return self.local_rollout_batch_size * self.n_samples_per_prompt
+
+    @property
     def local_mini_batch_size(self) -> int:
-        """Rows per optimizer step on this process."""
-        return self.local_rollout_batch_size // self.num_mini_batches
+        """Rows (answers) per optimizer step on this process."""
+        return self.local_rollout_answers // self.num_mini_batches
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._refuse_unhonoured()
-        for name in ("response_length", "num_ppo_epochs", "num_mini_batches", "local_rollout_forward_batch_size"):
+        for name in ("response_length", "num_ppo_epochs", "num_mini_batches", "local_rollout_forward_batch_size",
+                     "n_samples_per_prompt"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.local_rollout_batch_size % self.num_mini_batches:
-            raise ValueError(f"the rollout batch (per_device_train_batch_size * gradient_accumulation_steps = "
-                             f"{self.local_rollout_batch_size}) must split into num_mini_batches="
-                             f"{self.num_mini_batches} equal minibatches")
+        if self.local_rollout_answers % self.num_mini_batches:
+            raise ValueError(f"the rollout batch (per_device_train_batch_size * gradient_accumulation_steps * "
+                             f"n_samples_per_prompt = {self.local_rollout_answers} answers) must split into "
+                             f"num_mini_batches={self.num_mini_batches} equal minibatches")
+        self._check_reward_and_stop_options()
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 (the rollouts sample), got {self.temperature}")
         if self.kl_target is not None and self.kl_target <= 0:
             raise ValueError(f"kl_target must be > 0, got {self.kl_target}")
+
+    def _check_reward_and_stop_options(self) -> None:
+        if self.reward_clip_range is not None:
+            low, high = self.reward_clip_range
+            if not low < high:
+                raise OptionError(f"reward_clip_range=[{low}, {high}] must be [low, high] with low < high, e.g. "
+                                  "[-10, 10]", ["reward_clip_range"])
+        if self.critic_learning_rate is not None and not self.critic_learning_rate > 0:
+            raise OptionError(f"critic_learning_rate must be > 0 (or null: learning_rate), got "
+                              f"{self.critic_learning_rate}", ["critic_learning_rate"])
+        if self.freezing_actor_steps < 0:
+            raise OptionError(f"freezing_actor_steps must be >= 0 (0: no critic warm-up), got "
+                              f"{self.freezing_actor_steps}", ["freezing_actor_steps"])
+        if any(token_id < 0 for token_id in self.stop_token_ids or ()):
+            raise OptionError(f"stop_token_ids must be token ids (>= 0), got {self.stop_token_ids}", ["stop_token_ids"])
+        if any(not string for string in self.stop_strings or ()):
+            raise OptionError("stop_strings holds an empty string, which would end every answer before it starts",
+                              ["stop_strings"])
 
     def _refuse_unhonoured(self) -> None:
         """Raise ValueError for every TrainingArguments option set here that PPO does not honour, and for the

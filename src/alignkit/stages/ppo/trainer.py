@@ -1,18 +1,20 @@
 """alignkit's PPO trainer: rollouts, rewards, advantages, then clipped policy and value updates.
 
 One PPO update:
-  1. Rollout: a batch of prompts, one sampled answer each (policy, ``temperature``), cut after the first EOS.
-     Each answer's randomness is its own, seeded by the run's seed and the prompt's position in the run
-     (:mod:`alignkit.stages.ppo.sampling`).
+  1. Rollout: a batch of prompts, ``n_samples_per_prompt`` sampled answers each (policy, ``temperature``), cut
+     after the first stop (EOS, ``stop_token_ids``, ``stop_strings``). Each answer's randomness is its own,
+     seeded by the run's seed and the answer's position in the run (:mod:`alignkit.stages.ppo.sampling`).
   2. No-grad forwards: the policy's and the reference's log-probabilities of the answer tokens (logits
      divided by the same temperature) and the critic's values.
-  3. Rewards: the reward sources score each answer; answers without EOS lose ``missing_eos_penalty``; the
-     score lands on the last real token, every token pays ``kl_coef`` * KL(policy || reference).
+  3. Rewards: the reward sources score each answer, and :mod:`alignkit.stages.ppo.scores` makes the score
+     (normalised, summed, ``missing_eos_penalty`` for answers that did not stop, clipped); the score lands on
+     the last real token, every token pays ``kl_coef`` * KL(policy || reference).
   4. GAE advantages and returns, advantages whitened over the batch.
   5. ``num_ppo_epochs`` passes over the batch in shuffled minibatches (gradient accumulation over
      micro-batches): clipped policy loss + ``vf_coef`` * clipped value loss, each a mean over the minibatch's
      answer tokens, gradient clipping, the optimizer named by ``optim`` (built by transformers' own factory),
-     LR schedule.
+     LR schedule (``critic_learning_rate`` for the critic). For the first ``freezing_actor_steps`` updates only
+     the value loss trains (critic warm-up): the policy is not stepped.
 
 With ``bf16`` / ``fp16`` every forward of the policy, reference and critic (sampling, scoring, training) runs
 under ``torch.autocast`` (fp16 with a gradient scaler); the weights keep their dtype. Rollouts run with the
@@ -31,12 +33,13 @@ lives in :mod:`alignkit.stages.ppo.core`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +54,8 @@ from alignkit.runs.rundir import RunDir, checkpoint_dirs, last_checkpoint
 from alignkit.stages.ppo import core
 from alignkit.stages.ppo.config import PPOConfig
 from alignkit.stages.ppo.models import POLICY, ActorCritic
-from alignkit.stages.ppo.sampling import RowGumbelSampler, row_seeds
+from alignkit.stages.ppo.sampling import AnswerStops, RowGumbelSampler, StopStringCriteria, row_seeds
+from alignkit.stages.ppo.scores import RewardSources, Scorer
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +66,6 @@ SAMPLES_PER_LOG = 4
 MINIBATCH_STATS = ("loss/policy", "loss/value", "policy/ratio", "policy/clipfrac", "policy/approx_kl",
                    "policy/entropy", "value/clipfrac")
 
-# reward(prompts, completions, columns) -> (summed reward per answer, mean reward per source)
-RewardFn = Callable[[list, list[str], dict[str, list]], tuple[list[float], dict[str, float]]]
 
 
 @dataclass
@@ -74,25 +76,27 @@ class Rollout:
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     query_length: int              # answer tokens start here
-    responses: torch.Tensor        # (batch, response_length), pad after the first EOS
-    mask: torch.Tensor             # 1.0 on real answer tokens (up to and including EOS)
+    responses: torch.Tensor        # (batch, response_length), pad after the first stop
+    mask: torch.Tensor             # 1.0 on real answer tokens (up to and including the stop)
     logprobs: torch.Tensor
     ref_logprobs: torch.Tensor
     values: torch.Tensor
-    scores: torch.Tensor           # summed reward (after the missing-EOS penalty)
+    scores: torch.Tensor           # what PPO trains on (scores.Scorer: normalised, penalised, clipped)
+    rewards: torch.Tensor          # the sources' weighted sum less the missing-EOS penalty (logged as reward)
+    clipped: torch.Tensor          # whether reward_clip_range changed the score
     advantages: torch.Tensor
     returns: torch.Tensor
     kl: torch.Tensor               # per-token estimate
-    ends_with_eos: torch.Tensor
-    prompts: list
+    ends_with_eos: torch.Tensor    # the answer stopped (EOS, a stop token or a stop string)
+    prompts: list                  # one per answer: each prompt n_samples_per_prompt times in a row
     completions: list[str]
-    source_means: dict[str, float]
+    source_rewards: torch.Tensor   # (batch, sources): each reward source's own reward
 
 
 class PPOTrainer:
     """Trains ``models`` with PPO on ``train_prompts`` (rows ``{"prompt": messages, ...columns}``)."""
 
-    def __init__(self, models: ActorCritic, tokenizer, args: PPOConfig, reward: RewardFn, train_prompts,
+    def __init__(self, models: ActorCritic, tokenizer, args: PPOConfig, reward: RewardSources, train_prompts,
                  run: RunDir, eval_prompts=None, eval_generation=None):
         from accelerate import PartialState
 
@@ -105,6 +109,10 @@ class PPOTrainer:
         self.world_size = self.state.num_processes
         self.updates = self._count_updates()
         self.kl_coef = args.kl_coef
+        self.scorer = Scorer(reward, normalize_reward=args.normalize_reward,
+                             normalize_reward_per_source=args.normalize_reward_per_source,
+                             missing_eos_penalty=args.missing_eos_penalty, reward_clip_range=args.reward_clip_range)
+        self.stops = AnswerStops.for_tokenizer(tokenizer, args.stop_token_ids or (), args.stop_strings or ())
         self.history: list[dict[str, float]] = []
         self.eval_reward_start: float | None = None
         # Statistics of every minibatch of the latest update, in order (the first one shows the ratio is 1).
@@ -119,6 +127,8 @@ class PPOTrainer:
                                        num_warmup_steps=args.get_warmup_steps(optimizer_steps),
                                        num_training_steps=optimizer_steps,
                                        scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+        if args.freezing_actor_steps:
+            delay_policy_schedule(self.scheduler, args.freezing_actor_steps * optimizer_steps // self.updates)
         # fp16 gradients underflow without loss scaling; disabled (every call a pass-through) otherwise.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=bool(args.fp16))
         self._init_reporting()
@@ -150,18 +160,23 @@ class PPOTrainer:
         return self._finish()
 
     def rollout(self, rows: Sequence[dict], seed: int, positions: Sequence[int] | None = None) -> Rollout:
-        """Answer ``rows``' prompts with the policy and score everything PPO needs (no gradients). The answer to
-        row i is sampled with noise seeded by (``seed``, ``positions[i]``) (default: i), whatever the batch."""
-        args, tokenizer = self.args, self.tokenizer
+        """Answer ``rows``' prompts with the policy, ``n_samples_per_prompt`` times each (answers to a prompt next
+        to each other), and score everything PPO needs (no gradients). Answer j to row i is sampled with noise
+        seeded by (``seed``, ``positions[i] * n_samples_per_prompt + j``) (default position: i), whatever the
+        batch."""
+        args = self.args
+        samples = args.n_samples_per_prompt
+        positions = range(len(rows)) if positions is None else positions
+        rows = [row for row in rows for _ in range(samples)]
         prompts = [row["prompt"] for row in rows]
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
         queries = self._tokenize(prompts)
         query_length = queries["input_ids"].shape[1]
-        seeds = row_seeds(seed, range(len(rows)) if positions is None else positions)
+        seeds = row_seeds(seed, [position * samples + sample for position in positions for sample in range(samples)])
         self._set_training(False)
         responses = torch.cat([self._generate(queries["input_ids"][chunk], queries["attention_mask"][chunk],
                                               seeds[chunk]) for chunk in self._chunks(len(rows))])
-        responses, mask, ends_with_eos = self._cut_after_eos(responses)
+        responses, mask, ends_with_eos, completions = self.stops.cut(responses, self.tokenizer.pad_token_id)
         input_ids = torch.cat([queries["input_ids"], responses], dim=1)
         attention_mask = torch.cat([queries["attention_mask"], mask.long()], dim=1)
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
@@ -177,11 +192,12 @@ class PPOTrainer:
                 values.append(self.models.values(*inputs)[:, query_length - 1:-1])
         logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
 
-        completions = [tokenizer.decode(ids[row_mask.bool()], skip_special_tokens=True).strip()
-                       for ids, row_mask in zip(responses, mask)]
-        summed, source_means = self.reward(prompts, completions, columns)
-        scores = torch.tensor(summed, dtype=torch.float32, device=self.device)
-        scores = core.apply_missing_eos_penalty(scores, ends_with_eos, args.missing_eos_penalty)
+        source_rewards = self.reward(prompts, completions, columns).to(self.device)
+        # Normalised with the statistics of the whole batch (every process's answers), as one process would.
+        scored = self.scorer(self._gather(source_rewards), self._gather(ends_with_eos))
+        mine = slice(self.state.process_index * len(rows), (self.state.process_index + 1) * len(rows))
+        scores, rewards, clipped = (tensor[mine].to(self.device) for tensor in (scored.scores, scored.rewards,
+                                                                                 scored.clipped))
 
         kl = core.kl_per_token(logprobs, ref_logprobs, mask, args.kl_estimator)
         rewards = core.token_rewards(scores, kl, mask, self.kl_coef)
@@ -193,7 +209,7 @@ class PPOTrainer:
                        query_length=query_length, responses=responses, mask=mask, logprobs=logprobs,
                        ref_logprobs=ref_logprobs, values=values * mask, scores=scores, advantages=advantages,
                        returns=returns, kl=kl, ends_with_eos=ends_with_eos, prompts=prompts,
-                       completions=completions, source_means=source_means)
+                       completions=completions, source_rewards=source_rewards, rewards=rewards, clipped=clipped)
 
     def optimise(self, rollout: Rollout) -> dict[str, float]:
         """``num_ppo_epochs`` passes of clipped policy + value updates over the rollout; mean statistics.
@@ -206,6 +222,8 @@ class PPOTrainer:
         local_rows = len(rollout.completions)
         first_row = self.state.process_index * local_rows  # this process holds rows [first_row, +local_rows)
         tokens = self._gather(rollout.mask.sum(1))  # every answer's token count, in the whole batch's order
+        # Critic warm-up: the first freezing_actor_steps updates train the value loss only.
+        policy_frozen = len(self.history) < args.freezing_actor_steps
         self.minibatch_stats = []
         self._set_training(True)
         for _epoch in range(args.num_ppo_epochs):
@@ -215,10 +233,15 @@ class PPOTrainer:
                 minibatch_tokens = tokens[minibatch].sum().clamp(min=1)
                 stats = dict.fromkeys(MINIBATCH_STATS, 0.0)
                 for micro in mine.split(args.per_device_train_batch_size):
-                    for key, value in self._backward(rollout, micro.to(self.device), minibatch_tokens).items():
+                    for key, value in self._backward(rollout, micro.to(self.device), minibatch_tokens,
+                                                     policy_frozen).items():
                         stats[key] += value
                 # Summed while still scaled: every process sees the same overflow and skips the same steps.
                 self._sum_gradients()
+                if policy_frozen:  # no gradient at all: the optimizer leaves the policy (and its state) alone
+                    for group in self._policy_groups():
+                        for parameter in group["params"]:
+                            parameter.grad = None
                 self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
                 grad_norm = self._clip_gradients()
                 self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
@@ -232,15 +255,21 @@ class PPOTrainer:
         # rollout and training log-probabilities disagree (dropout, temperature, padding...).
         first = self.minibatch_stats[0]
         return means | {"policy/ratio_first_minibatch": first["policy/ratio"],
-                        "policy/clipfrac_first_minibatch": first["policy/clipfrac"]}
+                        "policy/clipfrac_first_minibatch": first["policy/clipfrac"],
+                        "policy/frozen": float(policy_frozen)}
 
-    def _backward(self, rollout: Rollout, rows: torch.Tensor, minibatch_tokens: torch.Tensor) -> dict[str, float]:
+    def _backward(self, rollout: Rollout, rows: torch.Tensor, minibatch_tokens: torch.Tensor,
+                  policy_frozen: bool = False) -> dict[str, float]:
         """Forward and backward of ``rows``, a part of a minibatch of ``minibatch_tokens`` answer tokens (over all
-        processes): the losses and statistics are this part's share of the minibatch's token means."""
+        processes): the losses and statistics are this part's share of the minibatch's token means. With
+        ``policy_frozen`` (critic warm-up) only the value loss is backpropagated; the policy's forward, without
+        gradients, still gives its statistics."""
         inputs = (rollout.input_ids[rows], rollout.attention_mask[rows], rollout.position_ids[rows])
         mask = rollout.mask[rows]
         with self._autocast():
-            logits, values = self.models.policy_logits(*inputs), self.models.values(*inputs)
+            with torch.set_grad_enabled(not policy_frozen):
+                logits = self.models.policy_logits(*inputs)
+            values = self.models.values(*inputs)
         logprobs, entropy = self._answer_logprobs(logits, rollout.responses[rows], rollout.query_length,
                                                   with_entropy=True)
         values = values[:, rollout.query_length - 1:-1]
@@ -249,7 +278,8 @@ class PPOTrainer:
         vf_loss, vf_stats = core.value_loss(values, rollout.values[rows], rollout.returns[rows], mask,
                                             self.args.cliprange_value, tokens=minibatch_tokens)
         # Token-weighted: the parts' losses add up to the minibatch's token mean however it is split.
-        self.scaler.scale(pg_loss + self.args.vf_coef * vf_loss).backward()
+        loss = self.args.vf_coef * vf_loss if policy_frozen else pg_loss + self.args.vf_coef * vf_loss
+        self.scaler.scale(loss).backward()
         value = lambda tensor: float(tensor.detach())  # noqa: E731
         return {"loss/policy": value(pg_loss), "loss/value": value(vf_loss), "policy/ratio": value(pg_stats["ratio"]),
                 "policy/clipfrac": value(pg_stats["clipfrac"]), "policy/approx_kl": value(pg_stats["approx_kl"]),
@@ -266,8 +296,7 @@ class PPOTrainer:
         self._set_training(False)
         with self.models._adapter(POLICY), self._autocast():
             completions = generation.generate(self.models.policy, self.tokenizer, prompts, self.eval_generation)
-        rewards, _ = self.reward(prompts, completions, columns)
-        return sum(rewards) / len(rewards)
+        return float(self.reward.weighted_sum(self.reward(prompts, completions, columns)).mean())
 
     def _finish(self) -> dict[str, Any]:
         if self.state.is_main_process:
@@ -314,7 +343,7 @@ class PPOTrainer:
     def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         """Sampled answers (``temperature``, the full distribution: PPOConfig refuses top_k / top_p) as greedy
         decoding over per-row Gumbel noise (:class:`RowGumbelSampler`), right-padded to ``response_length``."""
-        from transformers import GenerationConfig, LogitsProcessorList
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         args = self.args
         # transformers fills what a config leaves unset from the model's generation_config, where a chat model
@@ -322,26 +351,17 @@ class PPOTrainer:
         # the one PPO's log-probabilities score, so the penalties are set off here.
         config = GenerationConfig(max_new_tokens=args.response_length, min_new_tokens=0, do_sample=False,
                                   repetition_penalty=1.0, no_repeat_ngram_size=0,
-                                  eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                                  eos_token_id=self.stops.token_ids or None, pad_token_id=self.tokenizer.pad_token_id,
                                   use_cache=True)
         sampler = LogitsProcessorList([RowGumbelSampler(seeds, args.temperature)])
+        stopping = StoppingCriteriaList([StopStringCriteria(self.stops, input_ids.shape[1])] if self.stops.strings
+                                        else [])
         with torch.no_grad(), self._autocast():
             output = self.models.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                          logits_processor=sampler)
+                                          logits_processor=sampler, stopping_criteria=stopping)
         answers = output[:, input_ids.shape[1]:]
         padding = args.response_length - answers.shape[1]
         return torch.nn.functional.pad(answers, (0, padding), value=self.tokenizer.pad_token_id)
-
-    def _cut_after_eos(self, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(responses with pad after the first EOS, mask of real tokens incl. EOS, whether each has an EOS)."""
-        is_eos = responses == self.tokenizer.eos_token_id
-        ends_with_eos = is_eos.any(dim=1)
-        length = responses.shape[1]
-        first_eos = torch.where(ends_with_eos, is_eos.int().argmax(dim=1), torch.full_like(ends_with_eos, length,
-                                                                                           dtype=torch.long))
-        positions = torch.arange(length, device=responses.device).expand_as(responses)
-        mask = positions <= first_eos.unsqueeze(1)
-        return responses.masked_fill(~mask, self.tokenizer.pad_token_id), mask.float(), ends_with_eos
 
     def _answer_logprobs(self, logits: torch.Tensor, responses: torch.Tensor, query_length: int,
                          with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -383,12 +403,15 @@ class PPOTrainer:
     def _rollout_stats(self, rollout: Rollout) -> dict[str, float]:
         """Statistics of the whole batch (every process's rollouts): the same numbers in every process."""
         mask = rollout.mask
-        scores, kl_per_answer = self._gather(rollout.scores), self._gather(rollout.kl.sum(1))
+        rewards, kl_per_answer = self._gather(rollout.rewards), self._gather(rollout.kl.sum(1))
+        scores = self._gather(rollout.scores)
         tokens = self._sum_across_processes(mask.sum()).clamp(min=1)
         masked_sum = lambda values: self._sum_across_processes((values * mask).sum())  # noqa: E731
         stats = {
-            "reward": float(scores.mean()),
-            "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+            "reward": float(rewards.mean()),
+            "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "score": float(scores.mean()),  # what PPO trained on: normalised and clipped as the recipe asks
+            "score/clipped": float(self._gather(rollout.clipped.float()).mean()),
             "kl": float(kl_per_answer.mean()),
             "non_score_reward": float((-self.kl_coef * kl_per_answer).mean()),
             "eos_rate": float(self._gather(rollout.ends_with_eos.float()).mean()),
@@ -396,12 +419,9 @@ class PPOTrainer:
             "value/mean": float(masked_sum(rollout.values) / tokens),
             "advantage/mean": float(masked_sum(rollout.advantages) / tokens),
         }
-        # Every process scored as many answers, so the mean of the processes' means is the batch's.
-        names = sorted(rollout.source_means)
-        means = self._sum_across_processes(torch.tensor([rollout.source_means[name] for name in names],
-                                                        dtype=torch.float64, device=self.device)) / self.world_size
-        stats.update({f"reward/{name}": float(value) for name, value in zip(names, means)})
-        return stats
+        means = self._gather(rollout.source_rewards).mean(dim=0)
+        stats.update({f"reward/{name}": float(value) for name, value in zip(self.reward.names, means)})
+        return stats | self.scorer.statistics()
 
     # ---- bookkeeping -----------------------------------------------------------------------------------------
 
@@ -410,8 +430,8 @@ class PPOTrainer:
         global_batch = args.local_rollout_batch_size * self.world_size
         if args.max_steps and args.max_steps > 0:
             return args.max_steps
-        if args.total_episodes:
-            return math.ceil(args.total_episodes / global_batch)
+        if args.total_episodes:  # answers
+            return math.ceil(args.total_episodes / (global_batch * args.n_samples_per_prompt))
         return max(1, math.ceil(args.num_train_epochs * len(self.train_prompts) / global_batch))
 
     def _place_models(self) -> None:
@@ -440,7 +460,8 @@ class PPOTrainer:
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """The optimizer named by ``optim``, from transformers' own factory (the Trainer's names, classes and
         keyword arguments: optim_args, betas, eps, 8-bit and paged bitsandbytes states), with the Trainer's
-        parameter groups: no weight decay on biases and norms."""
+        parameter groups (no weight decay on biases and norms), the policy's and the critic's apart: the critic's
+        at ``critic_learning_rate``, and the policy's first (its learning rate is the one logged)."""
         from transformers import Trainer
 
         optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args)
@@ -449,8 +470,14 @@ class PPOTrainer:
             # get_decay_parameter_names reads nothing of the Trainer instance, only the module.
             names = set(Trainer.get_decay_parameter_names(None, module))
             decay |= {id(parameter) for name, parameter in module.named_parameters() if name in names}
-        groups = [{"params": [p for p in self.parameters if id(p) in decay], "weight_decay": self.args.weight_decay},
-                  {"params": [p for p in self.parameters if id(p) not in decay], "weight_decay": 0.0}]
+        critic_learning_rate = self.args.critic_learning_rate or self.args.learning_rate
+        groups = []
+        for role, learning_rate in (("policy", self.args.learning_rate), ("critic", critic_learning_rate)):
+            trained = [p for name, p in self.models.trainable.items() if _role(name) == role]
+            groups += [{"params": [p for p in trained if id(p) in decay], "weight_decay": self.args.weight_decay,
+                        "lr": learning_rate, "role": role},
+                       {"params": [p for p in trained if id(p) not in decay], "weight_decay": 0.0,
+                        "lr": learning_rate, "role": role}]
         optimizer = optimizer_class([group for group in groups if group["params"]], **kwargs)
         if kwargs.get("optim_bits") == 8:
             # As the Trainer does: embeddings keep 32-bit optimizer states (8-bit ones destabilise them).
@@ -461,6 +488,9 @@ class PPOTrainer:
                 for embedding in (m for m in module.modules() if isinstance(m, torch.nn.Embedding)):
                     manager.register_module_override(embedding, "weight", {"optim_bits": 32})
         return optimizer
+
+    def _policy_groups(self) -> list[dict]:
+        return [group for group in self.optimizer.param_groups if group["role"] == "policy"]
 
     def _trained_modules(self) -> list[torch.nn.Module]:
         models = self.models
@@ -517,7 +547,7 @@ class PPOTrainer:
         if self.args.kl_target is None:
             return
         error = min(max(kl / self.args.kl_target - 1, -0.2), 0.2)
-        episodes = self.args.local_rollout_batch_size * self.world_size
+        episodes = self.args.local_rollout_answers * self.world_size
         self.kl_coef *= 1 + error * episodes / self.args.kl_horizon
 
     def _init_reporting(self) -> None:
@@ -573,7 +603,7 @@ class PPOTrainer:
             # Written last: a checkpoint without it was cut off mid-save and is never resumed from.
             (path / STATE_FILE).write_text(json.dumps({
                 "update": update, "kl_coef": self.kl_coef, "eval_reward_start": self.eval_reward_start,
-                "history": self.history}, indent=1))
+                "reward_statistics": self.scorer.state_dict(), "history": self.history}, indent=1))
             self._rotate_checkpoints()
         self.state.wait_for_everyone()
 
@@ -598,6 +628,8 @@ class PPOTrainer:
         state = json.loads((path / STATE_FILE).read_text())
         self.kl_coef, self.history = state["kl_coef"], state["history"]
         self.eval_reward_start = state["eval_reward_start"]
+        if "reward_statistics" in state:  # written since normalize_reward: older checkpoints trained without it
+            self.scorer.load_state_dict(state["reward_statistics"])
         logger.info("ppo: resumed at update %d of %d from %s", state["update"], self.updates, path.name)
         if self.state.is_main_process:  # the log keeps exactly the updates the resumed run stands on
             (self.run.path / LOG_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in self.history))
@@ -623,6 +655,28 @@ def checkpoint_to_resume(args: PPOConfig, run: RunDir) -> Path | None:
         raise RecipeError(f"train.resume_from_checkpoint: {path} is not a complete PPO checkpoint (it lacks "
                           f"{', '.join(missing)}); give a checkpoint-N directory of a ppo run dir")
     return path
+
+
+def delay_policy_schedule(scheduler, steps: int) -> None:
+    """Start the policy's learning-rate schedule ``steps`` optimizer steps late (after the critic warm-up), as if
+    its steps began there, so its warmup_steps warm up the policy's first real steps; the critic's schedule runs
+    from the first step. A schedule by step (transformers' LambdaLR) is needed."""
+    if not hasattr(scheduler, "lr_lambdas"):
+        raise RecipeError(f"train.freezing_actor_steps needs a learning-rate schedule by step, which "
+                          f"{type(scheduler).__name__} is not: use another lr_scheduler_type, e.g. linear")
+    for index, group in enumerate(scheduler.optimizer.param_groups):
+        if group["role"] == "policy":
+            schedule = scheduler.lr_lambdas[index]
+            scheduler.lr_lambdas[index] = functools.partial(_delayed, schedule, steps)
+
+
+def _delayed(schedule, steps: int, step: int) -> float:
+    return schedule(max(0, step - steps))
+
+
+def _role(name: str) -> str:
+    """``policy`` or ``critic``: which model a name of ``ActorCritic.trainable`` belongs to."""
+    return "policy" if name.startswith("policy.") else "critic"
 
 
 def _is_quantized(model) -> bool:
