@@ -1,4 +1,5 @@
-"""PPO's arithmetic on hand-made batches: the invariants issue 5 names, checked without a model."""
+"""PPO's arithmetic on hand-made batches: the invariants issue 5 names, checked without a model; the score made
+from the reward sources (normalisation, clipping) and where an answer stops (issue 20)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from alignkit.stages.ppo.core import (
     token_rewards,
     value_loss,
 )
-from alignkit.stages.ppo.sampling import RowGumbelSampler, row_seeds
+from alignkit.stages.ppo.sampling import AnswerStops, RowGumbelSampler, StopStringCriteria, row_seeds
+from alignkit.stages.ppo.scores import RewardSources, RunningMoments, Scorer
 
 # Two responses: 3 real tokens then padding, and 5 real tokens.
 MASK = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32)
@@ -192,3 +194,179 @@ def test_a_rows_tokens_depend_on_its_seed_not_on_the_batch_it_is_drawn_in():
         assert torch.equal(together(None, logits)[1], alone(None, logits[1:2])[0])
     assert not torch.equal(together(None, logits)[0], together(None, logits)[0])  # the noise moves on each token
     assert row_seeds(7, [10]) != row_seeds(8, [9])  # no seed + position collisions
+
+
+# ---- scores: running normalisation and clipping (issue 20) ----------------------------------------------------
+
+def _constant_sources(count: int, weights: list[float] | None = None) -> RewardSources:
+    """Reward sources that are never called here: the scorer is handed their rewards directly."""
+    functions = [lambda prompts, completions, **_: [0.0] * len(completions) for _ in range(count)]
+    for index, function in enumerate(functions):
+        function.__name__ = f"source{index}"
+    return RewardSources(functions, weights or [1.0] * count)
+
+
+def test_running_moments_of_batches_are_those_of_everything_seen():
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(size, 2, generator=generator) * torch.tensor([1.0, 50.0]) + torch.tensor([3.0, -7.0])
+               for size in (5, 1, 12)]
+    moments = RunningMoments(2)
+    for batch in batches:
+        moments.update(batch)
+    everything = torch.cat(batches).double()
+    assert moments.count == 18
+    assert torch.allclose(moments.mean, everything.mean(0))
+    assert torch.allclose(moments.std, everything.std(0, correction=0))
+    # Restored from its plain-number state (trainer_state.json), it goes on identically.
+    restored = RunningMoments(2)
+    restored.load_state_dict(moments.state_dict())
+    for running in (moments, restored):
+        running.update(torch.ones(3, 2))
+    assert restored.count == moments.count and torch.equal(restored.mean, moments.mean)
+    assert torch.equal(restored.std, moments.std)
+
+
+def test_per_source_normalisation_gives_each_source_mean_0_std_1_over_the_running_statistics():
+    """Two sources on scales 1000x apart, equal weights: each one's contribution to the summed score is its reward
+    standardised with its running statistics (mean 0, std 1 over every answer seen), so neither drowns the other;
+    the plain sum is the large source alone, give or take."""
+    generator = torch.Generator().manual_seed(1)
+    scorer = Scorer(_constant_sources(2), normalize_reward_per_source=True)
+    seen, scores = [], []
+    for _update in range(3):
+        rewards = torch.stack([torch.rand(16, generator=generator), 1000 * torch.randn(16, generator=generator) + 500],
+                              dim=1)
+        seen.append(rewards)
+        scores.append(scorer(rewards, torch.ones(16, dtype=torch.bool)).scores)
+    everything = torch.cat(seen).double()
+    contributions = scorer.per_source.normalize(everything)
+    assert torch.allclose(contributions.mean(0), torch.zeros(2, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(contributions.std(0, correction=0), torch.ones(2, dtype=torch.float64))
+    # The last batch was scored with the statistics of all three: its scores are its contributions' sum.
+    assert torch.allclose(scores[-1].double(), contributions[-16:].sum(1), atol=1e-5)
+    small_share = contributions[:, 0].abs().mean() / contributions.abs().sum(1).mean()
+    assert 0.3 < small_share < 0.7
+    assert Scorer(_constant_sources(2))(seen[0], torch.ones(16, dtype=torch.bool)).scores.double().allclose(
+        seen[0].double().sum(1), atol=1e-3)  # without it, the raw sum
+
+
+def test_normalize_reward_standardises_the_sum_and_keeps_the_logged_reward_raw():
+    scorer = Scorer(_constant_sources(2, weights=[1.0, 0.5]), normalize_reward=True, missing_eos_penalty=2.0)
+    rewards = torch.tensor([[1.0, 2.0], [3.0, 0.0], [5.0, 4.0], [0.0, 0.0]])
+    stopped = torch.tensor([True, True, True, False])
+    scored = scorer(rewards, stopped)
+    summed = rewards.double() @ torch.tensor([1.0, 0.5], dtype=torch.float64)
+    standardised = (summed - summed.mean()) / summed.std(correction=0)
+    # The penalty comes after the normalisation (in its units), on the answer that did not stop.
+    assert torch.allclose(scored.scores.double(), standardised - torch.tensor([0, 0, 0, 2.0], dtype=torch.float64),
+                          atol=1e-6)
+    assert torch.allclose(scored.raw_rewards.double(), summed - torch.tensor([0, 0, 0, 2.0], dtype=torch.float64))
+    assert scorer.statistics() == pytest.approx({"reward/running_mean": summed.mean().item(),
+                                                 "reward/running_std": summed.std(correction=0).item()})
+
+
+def test_reward_clipping_keeps_every_score_inside_the_range():
+    generator = torch.Generator().manual_seed(2)
+    scorer = Scorer(_constant_sources(1), missing_eos_penalty=5.0, reward_clip_range=(-1.0, 2.0))
+    rewards = 10 * torch.randn(200, 1, generator=generator)
+    stopped = torch.rand(200, generator=generator) > 0.3
+    scored = scorer(rewards, stopped)
+    assert scored.scores.min() >= -1.0 and scored.scores.max() <= 2.0
+    unclipped = torch.where(stopped, rewards[:, 0], rewards[:, 0] - 5.0)
+    outside = (unclipped < -1.0) | (unclipped > 2.0)
+    assert outside.any() and torch.equal(scored.clipped, outside)
+    assert torch.equal(scored.scores[~outside], unclipped[~outside].float())
+    assert torch.equal(scored.raw_rewards, unclipped.float())  # the log keeps the unclipped reward
+
+
+def test_normalisation_of_a_constant_reward_gives_zero_and_of_a_missing_one_an_error():
+    scorer = Scorer(_constant_sources(1), normalize_reward=True, normalize_reward_per_source=True)
+    assert torch.equal(scorer(torch.full((4, 1), 0.5), torch.ones(4, dtype=torch.bool)).scores, torch.zeros(4))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        scorer(torch.tensor([[1.0], [float("nan")]]), torch.ones(2, dtype=torch.bool))
+
+
+def test_reward_sources_give_each_sources_rewards_and_their_weighted_sum():
+    def length(prompts, completions, **_):
+        return [len(c) for c in completions]
+
+    def has_x(prompts, completions, **_):
+        return [float("x" in c) for c in completions]
+
+    sources = RewardSources([length, has_x, length], [1.0, 2.0, 0.5])
+    rewards = sources(["p", "q"], ["ab", "xyz"], {})
+    assert rewards.tolist() == [[2.0, 0.0, 2.0], [3.0, 1.0, 3.0]]
+    assert sources.weighted_sum(rewards).tolist() == [3.0, 6.5]
+    assert sources.names == ["length", "has_x", "length_2"]  # logged apart
+
+
+# ---- where an answer stops (issue 20) --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_tokenizer(demo_model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo_model_path)
+
+
+def _answers(tokenizer, *texts: str, length: int = 14) -> torch.Tensor:
+    """Token ids of ``texts`` (which may hold the EOS token's text), cut or right-padded to ``length``."""
+    rows = [tokenizer(text, add_special_tokens=False).input_ids[:length] for text in texts]
+    return torch.tensor([row + [tokenizer.pad_token_id] * (length - len(row)) for row in rows])
+
+
+def test_stop_strings_and_stop_token_ids_cut_the_answer(demo_tokenizer):
+    tokenizer = demo_tokenizer
+    eos, pad = tokenizer.eos_token, tokenizer.pad_token_id
+    comma = [tokenizer.convert_tokens_to_ids(",")]
+    stops = AnswerStops.for_tokenizer(tokenizer, stop_token_ids=comma, stop_strings=["wo", "END"])
+    texts = ["hello world. bye", "hello, world", f"hi{eos} there END", "bye now END more", "plain answer"]
+    responses = _answers(tokenizer, *texts)
+    cut, mask, stopped, answers = stops.cut(responses, pad)
+    # "wo" spans the tokens " w" and "or", "END" three tokens: the text before the string is the answer, the
+    # token that completed it the last real one. A stop token's text stays unless it is a special token (vLLM's
+    # rule for stop_token_ids).
+    assert answers == ["hello", "hello,", "hi", "bye now", "plain answer"]
+    assert stopped.tolist() == [True, True, True, True, False]
+    for row, (tokens, row_mask) in enumerate(zip(cut.tolist(), mask)):
+        real = int(row_mask.sum())
+        assert all(token == pad for token in tokens[real:]) and (row_mask[:real] == 1).all()
+        kept = tokenizer.decode(tokens[:real], skip_special_tokens=True)
+        if row == 1:
+            assert tokens[real - 1] == comma[0]  # the stop token is the answer's last
+        elif row == 2:
+            assert tokens[real - 1] == tokenizer.eos_token_id  # EOS comes before the stop string
+        elif row == 4:
+            assert real == 14  # no stop: every token up to the length limit is the answer's
+        else:  # the stop string is complete with the last real token, and not one token earlier
+            string = "wo" if row == 0 else "END"
+            assert string in kept and string not in tokenizer.decode(tokens[:real - 1], skip_special_tokens=True)
+
+
+def test_an_answer_without_a_stop_keeps_every_token_and_counts_as_unfinished(demo_tokenizer):
+    stops = AnswerStops.for_tokenizer(demo_tokenizer, stop_strings=["zzz"])
+    responses = _answers(demo_tokenizer, "hello world", length=4)  # 4 tokens of it: cut by the length limit
+    cut, mask, stopped, answers = stops.cut(responses, demo_tokenizer.pad_token_id)
+    assert mask.tolist() == [[1.0] * 4] and stopped.tolist() == [False] and torch.equal(cut, responses)
+    assert answers == [demo_tokenizer.decode(responses[0]).strip()]
+
+
+def test_the_stop_string_criterion_ends_only_rows_whose_answer_holds_a_stop_string(demo_tokenizer):
+    stops = AnswerStops.for_tokenizer(demo_tokenizer, stop_strings=["END"])
+    prompt = demo_tokenizer("prompt with END in it", add_special_tokens=False).input_ids
+    answers = [demo_tokenizer(text, add_special_tokens=False).input_ids for text in ("ok END", "ok fine")]
+    width = max(map(len, answers))
+    rows = torch.tensor([prompt + answer + [demo_tokenizer.pad_token_id] * (width - len(answer)) for answer in answers])
+    # The prompt's own "END" does not count: only the answer is read.
+    assert StopStringCriteria(stops, len(prompt))(rows).tolist() == [True, False]
+
+
+@pytest.mark.parametrize("ids, strings, message", [
+    ([10**6], (), "are not ids of the tokenizer's"),
+    ((), ["done<|end|>"], r"holds the special token '<\|end\|>'.*stop_token_ids \(4\)"),
+])
+def test_stops_the_tokenizer_cannot_honour_are_recipe_errors(demo_tokenizer, ids, strings, message):
+    from alignkit.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=message):
+        AnswerStops.for_tokenizer(demo_tokenizer, ids, strings)

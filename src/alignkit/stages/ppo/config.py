@@ -129,7 +129,8 @@ class PPOConfig(TrainingArguments):
         default=None,
         metadata={"help": "Token ids that end an answer besides the tokenizer's EOS (vLLM's name; TRL 1.12's "
                   "stop_token_id, for several ids), e.g. a chat model's end-of-turn token: the answer is cut after "
-                  "the first, which counts as its EOS for the score and missing_eos_penalty."},
+                  "the first, which counts as its EOS for the score and missing_eos_penalty. As in vLLM, the text the "
+                  "rewards read keeps the stop token's text unless it is a special token."},
     )
     stop_strings: list[str] | None = field(
         default=None,

@@ -106,9 +106,9 @@ class RewardSources:
 class Scores:
     """What the scorer makes of a batch's rewards; tensors are (answers,)."""
 
-    scores: torch.Tensor   # what PPO trains on (steps 1-6)
-    rewards: torch.Tensor  # the weighted sum of the sources' own rewards less the missing-EOS penalty (logged)
-    clipped: torch.Tensor  # whether reward_clip_range changed the score (bool)
+    scores: torch.Tensor       # what PPO trains on (steps 1-6)
+    raw_rewards: torch.Tensor  # the weighted sum of the sources' own rewards less the missing-EOS penalty (logged)
+    clipped: torch.Tensor      # whether reward_clip_range changed the score (bool)
 
 
 class Scorer:
@@ -145,7 +145,7 @@ class Scorer:
             clipped = (scores < low) | (scores > high)
             scores = scores.clamp(low, high)
         logged = core.apply_missing_eos_penalty(self.sources.weighted_sum(rewards), stopped, self.missing_eos_penalty)
-        return Scores(scores=scores.float(), rewards=logged.float(), clipped=clipped)
+        return Scores(scores=scores.float(), raw_rewards=logged.float(), clipped=clipped)
 
     def statistics(self) -> dict[str, float]:
         """The running statistics in use, for the log."""

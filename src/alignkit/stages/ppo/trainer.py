@@ -82,7 +82,7 @@ class Rollout:
     ref_logprobs: torch.Tensor
     values: torch.Tensor
     scores: torch.Tensor           # what PPO trains on (scores.Scorer: normalised, penalised, clipped)
-    rewards: torch.Tensor          # the sources' weighted sum less the missing-EOS penalty (logged as reward)
+    raw_rewards: torch.Tensor      # the sources' weighted sum less the missing-EOS penalty (logged as reward)
     clipped: torch.Tensor          # whether reward_clip_range changed the score
     advantages: torch.Tensor
     returns: torch.Tensor
@@ -196,8 +196,8 @@ class PPOTrainer:
         # Normalised with the statistics of the whole batch (every process's answers), as one process would.
         scored = self.scorer(self._gather(source_rewards), self._gather(ends_with_eos))
         mine = slice(self.state.process_index * len(rows), (self.state.process_index + 1) * len(rows))
-        scores, rewards, clipped = (tensor[mine].to(self.device) for tensor in (scored.scores, scored.rewards,
-                                                                                 scored.clipped))
+        scores, raw_rewards, clipped = (tensor[mine].to(self.device) for tensor in (scored.scores, scored.raw_rewards,
+                                                                                     scored.clipped))
 
         kl = core.kl_per_token(logprobs, ref_logprobs, mask, args.kl_estimator)
         rewards = core.token_rewards(scores, kl, mask, self.kl_coef)
@@ -209,7 +209,8 @@ class PPOTrainer:
                        query_length=query_length, responses=responses, mask=mask, logprobs=logprobs,
                        ref_logprobs=ref_logprobs, values=values * mask, scores=scores, advantages=advantages,
                        returns=returns, kl=kl, ends_with_eos=ends_with_eos, prompts=prompts,
-                       completions=completions, source_rewards=source_rewards, rewards=rewards, clipped=clipped)
+                       completions=completions, source_rewards=source_rewards, raw_rewards=raw_rewards,
+                       clipped=clipped)
 
     def optimise(self, rollout: Rollout) -> dict[str, float]:
         """``num_ppo_epochs`` passes of clipped policy + value updates over the rollout; mean statistics.
@@ -403,7 +404,7 @@ class PPOTrainer:
     def _rollout_stats(self, rollout: Rollout) -> dict[str, float]:
         """Statistics of the whole batch (every process's rollouts): the same numbers in every process."""
         mask = rollout.mask
-        rewards, kl_per_answer = self._gather(rollout.rewards), self._gather(rollout.kl.sum(1))
+        rewards, kl_per_answer = self._gather(rollout.raw_rewards), self._gather(rollout.kl.sum(1))
         scores = self._gather(rollout.scores)
         tokens = self._sum_across_processes(mask.sum()).clamp(min=1)
         masked_sum = lambda values: self._sum_across_processes((values * mask).sum())  # noqa: E731
