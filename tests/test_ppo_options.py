@@ -1,6 +1,7 @@
-"""The TrainingArguments options of alignkit's PPO: each one it accepts does what it says (bf16 / fp16 autocast,
+"""The options of alignkit's PPO. TrainingArguments': each one it accepts does what it says (bf16 / fp16 autocast,
 activation checkpointing, resume_from_checkpoint, optim), and every other one is refused with the list of what
-PPO honours (issue 17, finding 3)."""
+PPO honours (issue 17, finding 3). Its own for large runs (issue 20): several answers per prompt, reward
+normalisation and clipping, a critic learning rate, critic warm-up, stop tokens and strings."""
 
 from __future__ import annotations
 
@@ -151,7 +152,9 @@ def test_optim_builds_transformers_choice_with_the_trainers_groups(tmp_path):
     optimizer, policy = trainer.optimizer, trainer.models.policy
     assert isinstance(optimizer, bitsandbytes.optim.AdamW) and optimizer.args.optim_bits == 8
     assert optimizer.defaults["betas"] == (0.9, 0.95)
-    decay, no_decay = optimizer.param_groups
+    # The policy's groups first (decay, then none), then the critic's.
+    decay, no_decay = optimizer.param_groups[:2]
+    assert [group["role"] for group in optimizer.param_groups] == ["policy", "policy", "critic", "critic"]
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
     no_decay_ids = {id(p) for p in no_decay["params"]}
     assert id(policy.model.norm.weight) in no_decay_ids and id(policy.model.layers[0].self_attn.q_proj.weight) \
@@ -283,3 +286,115 @@ def test_resume_from_checkpoint_names_what_is_missing(tmp_path):
     # Unset: the run dir's own choice (an unfinished run's last checkpoint) stands.
     chosen = RunDir(path=empty, resume_from=tmp_path / "checkpoint-4")
     assert checkpoint_to_resume(PPOConfig(output_dir=str(empty)), chosen) == tmp_path / "checkpoint-4"
+
+
+# ---- options for large runs (issue 20) ------------------------------------------------------------------------
+
+def test_n_samples_per_prompt_answers_every_prompt_that_many_times(tmp_path):
+    trainer = _trainer(tmp_path / "run", *QUICK, "train.n_samples_per_prompt=4", "train.response_length=8",
+                       "train.max_steps=-1", "train.total_episodes=64")
+    assert trainer.updates == 2  # total_episodes counts answers: 64 / (8 prompts x 4)
+    prompts = trainer._prompts_for(1)
+    rollout = trainer.rollout(prompts, seed=1)
+    assert len(prompts) == 8 and len(rollout.completions) == 32
+    assert rollout.responses.shape[0] == rollout.advantages.shape[0] == rollout.scores.shape[0] == 32
+    assert rollout.prompts == [row["prompt"] for row in prompts for _ in range(4)]  # a prompt's answers together
+    # Each answer has noise of its own: a prompt's answers differ (the same noise would repeat one answer 4 times).
+    groups = [rollout.completions[i:i + 4] for i in range(0, 32, 4)]
+    assert sum(len(set(group)) > 1 for group in groups) >= 4, groups
+    # The whole rollout batch is trained on: 2 minibatches of 16 answers per epoch.
+    assert trainer.args.local_mini_batch_size == 16
+    stats = trainer.optimise(rollout)
+    assert len(trainer.minibatch_stats) == 2 * 2 and stats["policy/ratio_first_minibatch"] == pytest.approx(1, abs=1e-5)
+
+
+def test_critic_warm_up_moves_the_critic_and_leaves_the_policy(tmp_path):
+    trainer = _trainer(tmp_path / "run", *QUICK, "train.freezing_actor_steps=2", "train.max_steps=3",
+                       "train.learning_rate=1e-3", "train.critic_learning_rate=2e-3", "train.lr_scheduler_type=linear",
+                       "train.save_strategy=no", "evaluate.max_samples=4")
+    # The critic's groups step at critic_learning_rate, the policy's at learning_rate.
+    assert {(group["role"], group["initial_lr"]) for group in trainer.optimizer.param_groups} == {
+        ("policy", 1e-3), ("critic", 2e-3)}
+    # The policy's (linearly decaying) schedule starts with its first step, 2 updates x 4 optimizer steps late; it
+    # is at full learning rate throughout the warm-up, so only the warm-up keeps the policy still.
+    groups = trainer.optimizer.param_groups
+    schedule = {group["role"]: trainer.scheduler.lr_lambdas[index] for index, group in enumerate(groups)}
+    assert [schedule["policy"](step) for step in range(8, 14)] == [schedule["critic"](step) for step in range(6)]
+    assert schedule["policy"](0) == schedule["policy"](8) == schedule["critic"](0) == 1.0 > schedule["critic"](8)
+
+    def snapshot(role: str) -> dict[str, torch.Tensor]:
+        return {name: parameter.detach().clone() for name, parameter in trainer.models.trainable.items()
+                if name.startswith("policy.") == (role == "policy")}
+
+    weights = [{"policy": snapshot("policy"), "critic": snapshot("critic")}]
+    log = trainer._log
+
+    def log_and_snapshot(stats):
+        log(stats)
+        weights.append({"policy": snapshot("policy"), "critic": snapshot("critic")})
+
+    trainer._log = log_and_snapshot
+    trainer.train()
+
+    def moved(role: str, update: int) -> bool:
+        before, after = weights[update - 1][role], weights[update][role]
+        return any(not torch.equal(before[name], after[name]) for name in before)
+
+    assert [moved("policy", update) for update in (1, 2, 3)] == [False, False, True]
+    assert [moved("critic", update) for update in (1, 2, 3)] == [True, True, True]
+    assert [entry["policy/frozen"] for entry in trainer.history] == [1.0, 1.0, 0.0]
+    # The frozen policy is the one that sampled, through every minibatch of the warm-up.
+    assert all(entry["policy/ratio"] == pytest.approx(1.0, abs=1e-6) for entry in trainer.history[:2])
+
+
+def test_reward_normalisation_is_by_source_and_its_statistics_go_with_the_checkpoint(tmp_path):
+    """Two sources on scales 100x apart; after two rollouts each source's running statistics are those of every
+    answer it scored, the summed score is standardised too, and a resumed trainer restores them."""
+    sources = ("reward.sources=[{function: signal_rewards:answer_length_reward}, "
+               "{function: signal_rewards:answer_length_reward, weight: 100}]")
+    options = ("train.normalize_reward=true", "train.normalize_reward_per_source=true",
+               "train.reward_clip_range=[-1.5, 1.5]")
+    trainer = _trainer(tmp_path / "run", *QUICK, *options, start=(*FROM_BASE, sources))
+    rollouts = [trainer.rollout(trainer._prompts_for(update), seed=update) for update in (1, 2)]
+    seen = torch.cat([rollout.source_rewards for rollout in rollouts])
+    scorer = trainer.scorer
+    assert scorer.per_source.count == scorer.total.count == 16
+    assert torch.allclose(scorer.per_source.mean, seen.mean(0)) and torch.allclose(scorer.per_source.std,
+                                                                                 seen.std(0, correction=0))
+    contributions = scorer.per_source.normalize(seen)
+    assert torch.allclose(contributions.mean(0), torch.zeros(2, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(contributions.std(0, correction=0), torch.ones(2, dtype=torch.float64))
+    first = rollouts[0]
+    # One batch seen: the standardised sum of the first rollout has mean 0 and std 1 (before clipping to 1.5).
+    standardised = first.scores[~first.clipped]
+    assert first.scores.abs().max() <= 1.5 and abs(float(first.scores.mean())) < 0.3
+    assert len(standardised) >= 6
+    # The logged reward stays on the sources' scale: 101 x the answer length / 10.
+    assert torch.allclose(first.raw_rewards, 101 * first.source_rewards[:, 0].float())
+    stats = trainer._rollout_stats(first)
+    assert stats["reward"] == pytest.approx(float(first.raw_rewards.mean()))
+    assert stats["reward/answer_length_reward_2/running_std"] > 0 and "reward/running_mean" in stats
+
+    trainer._save_checkpoint(2)
+    resumed = _trainer(tmp_path / "run", *QUICK, *options, start=(*FROM_BASE, sources))
+    resumed.run.resume_from = tmp_path / "run" / "checkpoint-2"
+    resumed._resume()
+    assert resumed.scorer.state_dict() == scorer.state_dict()
+
+
+def test_stop_strings_cut_answers_in_a_rollout(tmp_path):
+    """The bare demo base answers with words; 'e' ends most of them early. The answers end before it and count as
+    finished: the missing-EOS penalty spares them."""
+    trainer = _trainer(tmp_path / "run", *QUICK, "train.stop_strings=[e]", "train.missing_eos_penalty=1.0",
+                       "train.response_length=12")
+    rollout = trainer.rollout(trainer._prompts_for(1), seed=1)
+    eos = trainer.tokenizer.eos_token_id
+    by_string = [row for row in range(8) if rollout.ends_with_eos[row] and
+                 rollout.responses[row, int(rollout.mask[row].sum()) - 1] != eos]
+    assert len(by_string) >= 3, rollout.completions
+    assert all("e" not in completion for completion in rollout.completions)
+    for row in by_string:
+        last = int(rollout.mask[row].sum()) - 1
+        assert "e" in trainer.tokenizer.decode(rollout.responses[row, last])  # the token that completed the stop
+    penalty = torch.where(rollout.ends_with_eos, 0.0, 1.0)
+    assert torch.allclose(rollout.raw_rewards, rollout.source_rewards[:, 0].float() - penalty)
