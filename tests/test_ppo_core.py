@@ -328,6 +328,9 @@ def test_stop_strings_and_stop_token_ids_cut_the_answer(demo_tokenizer):
     # rule for stop_token_ids).
     assert answers == ["hello", "hello,", "hi", "bye now", "plain answer"]
     assert stopped.tolist() == [True, True, True, True, False]
+    # Text generated without the cut (held-out answers) is cut at the first stop string alike.
+    assert [stops.cut_text(text) for text in ("hello world. bye", "bye now END more", "plain")] == [
+        "hello", "bye now", "plain"]
     for row, (tokens, row_mask) in enumerate(zip(cut.tolist(), mask)):
         real = int(row_mask.sum())
         assert all(token == pad for token in tokens[real:]) and (row_mask[:real] == 1).all()

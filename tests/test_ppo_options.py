@@ -398,3 +398,10 @@ def test_stop_strings_cut_answers_in_a_rollout(tmp_path):
         assert "e" in trainer.tokenizer.decode(rollout.responses[row, last])  # the token that completed the stop
     penalty = torch.where(rollout.ends_with_eos, 0.0, 1.0)
     assert torch.allclose(rollout.raw_rewards, rollout.source_rewards[:, 0].float() - penalty)
+    # The held-out answers end at the same stops before they are scored.
+    read: list[str] = []
+    score = trainer.reward.functions[0]
+    trainer.reward.functions[0] = lambda prompts, completions, **columns: read.extend(completions) or score(
+        prompts=prompts, completions=completions, **columns)
+    trainer.evaluate()
+    assert len(read) == 16 and all("e" not in completion for completion in read), read

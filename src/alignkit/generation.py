@@ -13,8 +13,10 @@ from alignkit import distributed
 from alignkit.recipe.settings import GenerationSettings
 
 
-def generate(model, tokenizer, prompts: Sequence[list[dict[str, str]]], settings: GenerationSettings) -> list[str]:
-    """Completions for conversational ``prompts`` (message lists ending with a user turn).
+def generate(model, tokenizer, prompts: Sequence[list[dict[str, str]]], settings: GenerationSettings,
+             stop_token_ids: Sequence[int] = ()) -> list[str]:
+    """Completions for conversational ``prompts`` (message lists ending with a user turn), each ending at the
+    tokenizer's EOS or the first of ``stop_token_ids``.
 
     The chat template is applied exactly as in training, with the generation prompt; batches are
     left-padded so every prompt ends where generation starts. Returns decoded completions without
@@ -24,12 +26,12 @@ def generate(model, tokenizer, prompts: Sequence[list[dict[str, str]]], settings
     # A model sharded across the processes (FSDP, ZeRO-3) runs each forward pass with all of them: every
     # process then takes as many prompts and keeps stepping until all are done (``synced_gpus``).
     sharded = distributed.is_sharded(model)
-    return distributed.map_shared(lambda block: _generate(model, tokenizer, block, settings, sharded), list(prompts),
-                                  equal_shards=sharded)
+    return distributed.map_shared(lambda block: _generate(model, tokenizer, block, settings, sharded, stop_token_ids),
+                                  list(prompts), equal_shards=sharded)
 
 
 def _generate(model, tokenizer, prompts: Sequence[list[dict[str, str]]], settings: GenerationSettings,
-              synced: bool) -> list[str]:
+              synced: bool, stop_token_ids: Sequence[int] = ()) -> list[str]:
     import torch
     from transformers import GenerationConfig
 
@@ -41,7 +43,7 @@ def _generate(model, tokenizer, prompts: Sequence[list[dict[str, str]]], setting
         top_p=settings.top_p if settings.do_sample else None,
         num_beams=settings.num_beams,
         repetition_penalty=settings.repetition_penalty,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, *stop_token_ids] if stop_token_ids else tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True) for p in prompts]

@@ -91,6 +91,11 @@ class AnswerStops:
     def text(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
+    def cut_text(self, text: str) -> str:
+        """``text`` up to the first stop string (an answer generated without this cut, e.g. a held-out one)."""
+        starts = [index for string in self.strings if (index := text.find(string)) >= 0]
+        return text[:min(starts)].strip() if starts else text
+
     def string_end(self, tokens: Sequence[int]) -> tuple[int, str] | None:
         """(index of the token that completes the first stop string, the text before that string), or None when
         the text of ``tokens`` holds no stop string."""

@@ -194,7 +194,7 @@ class PPOTrainer:
 
         source_rewards = self.reward(prompts, completions, columns).to(self.device)
         # Normalised with the statistics of the whole batch (every process's answers), as one process would.
-        scored = self.scorer(self._gather(source_rewards), self._gather(ends_with_eos))
+        scored = self.scorer(self._gather(source_rewards), self._gather(ends_with_eos.float()).bool())
         mine = slice(self.state.process_index * len(rows), (self.state.process_index + 1) * len(rows))
         scores, raw_rewards, clipped = (tensor[mine].to(self.device) for tensor in (scored.scores, scored.raw_rewards,
                                                                                      scored.clipped))
@@ -290,13 +290,17 @@ class PPOTrainer:
     # ---- evaluation and results ----------------------------------------------------------------------------
 
     def evaluate(self) -> float:
-        """Mean reward of the policy's answers to the held-out prompts (greedy unless the recipe says otherwise)."""
+        """Mean reward of the policy's answers to the held-out prompts (greedy unless the recipe says otherwise),
+        ended at the same stops as the rollouts', scored by the reward sources as the recipe weighs them (no
+        normalisation or clipping: comparable across runs)."""
         rows = self.eval_prompts
         prompts = list(rows["prompt"])
         columns = {key: list(rows[key]) for key in rows.column_names if key != "prompt"}
         self._set_training(False)
         with self.models._adapter(POLICY), self._autocast():
-            completions = generation.generate(self.models.policy, self.tokenizer, prompts, self.eval_generation)
+            completions = generation.generate(self.models.policy, self.tokenizer, prompts, self.eval_generation,
+                                              stop_token_ids=self.args.stop_token_ids or ())
+        completions = [self.stops.cut_text(completion) for completion in completions]
         return float(self.reward.weighted_sum(self.reward(prompts, completions, columns)).mean())
 
     def _finish(self) -> dict[str, Any]:
@@ -586,7 +590,7 @@ class PPOTrainer:
             return
         with (self.run.path / SAMPLES_FILE).open("a") as samples:
             for prompt, completion, score in list(zip(rollout.prompts, rollout.completions,
-                                                      rollout.scores.tolist()))[:SAMPLES_PER_LOG]:
+                                                      rollout.raw_rewards.tolist()))[:SAMPLES_PER_LOG]:
                 samples.write(json.dumps({"update": update, "prompt": prompt[-1]["content"],
                                           "completion": completion, "reward": score}) + "\n")
                 logger.info("  sample: %s -> %r (reward %.3f)", prompt[-1]["content"], completion, score)
