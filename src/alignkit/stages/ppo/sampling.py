@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
+from alignkit.errors import RecipeError
+
 
 def row_seeds(seed: int, positions: Sequence[int]) -> list[int]:
     """A 64-bit seed per row from (``seed``, the row's position): numpy's SeedSequence hashes the pair, so nearby
@@ -73,8 +75,6 @@ class AnswerStops:
                       ) -> AnswerStops:
         """The stops of a recipe (``train.stop_token_ids``, ``train.stop_strings``) with the tokenizer's EOS; a
         RecipeError for an id the tokenizer does not have or a stop string that the rewards' text cannot hold."""
-        from alignkit.errors import RecipeError
-
         size = len(tokenizer)
         unknown = [token_id for token_id in stop_token_ids if not 0 <= token_id < size]
         if unknown:

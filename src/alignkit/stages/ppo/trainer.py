@@ -67,7 +67,6 @@ MINIBATCH_STATS = ("loss/policy", "loss/value", "policy/ratio", "policy/clipfrac
                    "policy/entropy", "value/clipfrac")
 
 
-
 @dataclass
 class Rollout:
     """One batch of prompts, answers and everything PPO computes from them; tensors are (batch, ...)."""
