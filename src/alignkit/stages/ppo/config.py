@@ -151,8 +151,8 @@ class PPOConfig(TrainingArguments):
     # Reward shaping
     missing_eos_penalty: float | None = field(
         default=None,
-        metadata={"help": "Subtracted from the score of answers that hit response_length without an EOS token, "
-                  "so the policy learns to finish its answers (null: no penalty)."},
+        metadata={"help": "Subtracted from the score of answers that hit response_length without a stop (EOS, "
+                  "stop_token_ids, stop_strings), so the policy learns to finish its answers (null: no penalty)."},
     )
     normalize_reward: bool = field(
         default=False,
