@@ -294,10 +294,12 @@ def test_reward_sources_give_each_sources_rewards_and_their_weighted_sum():
         return [float("x" in c) for c in completions]
 
     sources = RewardSources([length, has_x, length], [1.0, 2.0, 0.5])
-    rewards = sources(["p", "q"], ["ab", "xyz"], {})
+    rewards = sources.per_source(["p", "q"], ["ab", "xyz"], {})
     assert rewards.tolist() == [[2.0, 0.0, 2.0], [3.0, 1.0, 3.0]]
     assert sources.weighted_sum(rewards).tolist() == [3.0, 6.5]
     assert sources.names == ["length", "has_x", "length_2"]  # logged apart
+    # Called as PPO's reward function always was: the weighted sum and each source's mean.
+    assert sources(["p", "q"], ["ab", "xyz"], {}) == ([3.0, 6.5], {"length": 2.5, "has_x": 0.5, "length_2": 2.5})
 
 
 # ---- where an answer stops (issue 20) --------------------------------------------------------------------------

@@ -92,7 +92,15 @@ class RewardSources:
         self.functions, self.weights = list(functions), torch.tensor(list(weights), dtype=torch.float64)
         self.names = _unique([function.__name__ for function in self.functions])
 
-    def __call__(self, prompts: list, completions: list[str], columns: dict[str, list]) -> torch.Tensor:
+    def __call__(self, prompts: list, completions: list[str], columns: dict[str, list]) -> tuple[list[float],
+                                                                                               dict[str, float]]:
+        """The recipe's reward of every answer (the weighted sum of the sources', nothing normalised) and each
+        source's mean, by name."""
+        rewards = self.per_source(prompts, completions, columns)
+        means = dict(zip(self.names, rewards.mean(dim=0).tolist()))
+        return self.weighted_sum(rewards).tolist(), means
+
+    def per_source(self, prompts: list, completions: list[str], columns: dict[str, list]) -> torch.Tensor:
         """Every source's reward of every answer, (answers, sources), float64."""
         rewards = source_rewards(self.functions, prompts, completions, columns)
         return torch.tensor(rewards, dtype=torch.float64).reshape(len(self.functions), len(completions)).T

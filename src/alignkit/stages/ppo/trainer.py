@@ -113,6 +113,7 @@ class PPOTrainer:
                              missing_eos_penalty=args.missing_eos_penalty, reward_clip_range=args.reward_clip_range)
         self.stops = AnswerStops.for_tokenizer(tokenizer, args.stop_token_ids or (), args.stop_strings or ())
         self.history: list[dict[str, float]] = []
+        self.policy_frozen = False  # during the critic warm-up (freezing_actor_steps): only the critic trains
         self.eval_reward_start: float | None = None
         # Statistics of every minibatch of the latest update, in order (the first one shows the ratio is 1).
         self.minibatch_stats: list[dict[str, float]] = []
@@ -191,7 +192,7 @@ class PPOTrainer:
                 values.append(self.models.values(*inputs)[:, query_length - 1:-1])
         logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
 
-        source_rewards = self.reward(prompts, completions, columns).to(self.device)
+        source_rewards = self.reward.per_source(prompts, completions, columns).to(self.device)
         # Normalised with the statistics of the whole batch (every process's answers), as one process would.
         scored = self.scorer(self._gather(source_rewards), self._gather(ends_with_eos.float()).bool())
         mine = slice(self.state.process_index * len(rows), (self.state.process_index + 1) * len(rows))
@@ -222,8 +223,8 @@ class PPOTrainer:
         local_rows = len(rollout.completions)
         first_row = self.state.process_index * local_rows  # this process holds rows [first_row, +local_rows)
         tokens = self._gather(rollout.mask.sum(1))  # every answer's token count, in the whole batch's order
-        # Critic warm-up: the first freezing_actor_steps updates train the value loss only.
-        policy_frozen = len(self.history) < args.freezing_actor_steps
+        # Critic warm-up: the first freezing_actor_steps updates train the value loss only (see _backward).
+        self.policy_frozen = policy_frozen = len(self.history) < args.freezing_actor_steps
         self.minibatch_stats = []
         self._set_training(True)
         for _epoch in range(args.num_ppo_epochs):
@@ -233,8 +234,7 @@ class PPOTrainer:
                 minibatch_tokens = tokens[minibatch].sum().clamp(min=1)
                 stats = dict.fromkeys(MINIBATCH_STATS, 0.0)
                 for micro in mine.split(args.per_device_train_batch_size):
-                    for key, value in self._backward(rollout, micro.to(self.device), minibatch_tokens,
-                                                     policy_frozen).items():
+                    for key, value in self._backward(rollout, micro.to(self.device), minibatch_tokens).items():
                         stats[key] += value
                 # Summed while still scaled: every process sees the same overflow and skips the same steps.
                 self._sum_gradients()
@@ -258,16 +258,15 @@ class PPOTrainer:
                         "policy/clipfrac_first_minibatch": first["policy/clipfrac"],
                         "policy/frozen": float(policy_frozen)}
 
-    def _backward(self, rollout: Rollout, rows: torch.Tensor, minibatch_tokens: torch.Tensor,
-                  policy_frozen: bool = False) -> dict[str, float]:
+    def _backward(self, rollout: Rollout, rows: torch.Tensor, minibatch_tokens: torch.Tensor) -> dict[str, float]:
         """Forward and backward of ``rows``, a part of a minibatch of ``minibatch_tokens`` answer tokens (over all
-        processes): the losses and statistics are this part's share of the minibatch's token means. With
-        ``policy_frozen`` (critic warm-up) only the value loss is backpropagated; the policy's forward, without
-        gradients, still gives its statistics."""
+        processes): the losses and statistics are this part's share of the minibatch's token means."""
         inputs = (rollout.input_ids[rows], rollout.attention_mask[rows], rollout.position_ids[rows])
         mask = rollout.mask[rows]
         with self._autocast():
-            with torch.set_grad_enabled(not policy_frozen):
+            # Critic warm-up: the policy's forward without gradients, so only the value loss trains; it still
+            # gives the policy's statistics.
+            with torch.set_grad_enabled(not self.policy_frozen):
                 logits = self.models.policy_logits(*inputs)
             values = self.models.values(*inputs)
         logprobs, entropy = self._answer_logprobs(logits, rollout.responses[rows], rollout.query_length,
@@ -278,8 +277,7 @@ class PPOTrainer:
         vf_loss, vf_stats = core.value_loss(values, rollout.values[rows], rollout.returns[rows], mask,
                                             self.args.cliprange_value, tokens=minibatch_tokens)
         # Token-weighted: the parts' losses add up to the minibatch's token mean however it is split.
-        loss = self.args.vf_coef * vf_loss if policy_frozen else pg_loss + self.args.vf_coef * vf_loss
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(pg_loss + self.args.vf_coef * vf_loss).backward()
         value = lambda tensor: float(tensor.detach())  # noqa: E731
         return {"loss/policy": value(pg_loss), "loss/value": value(vf_loss), "policy/ratio": value(pg_stats["ratio"]),
                 "policy/clipfrac": value(pg_stats["clipfrac"]), "policy/approx_kl": value(pg_stats["approx_kl"]),
@@ -289,9 +287,7 @@ class PPOTrainer:
     # ---- evaluation and results ----------------------------------------------------------------------------
 
     def evaluate(self) -> float:
-        """Mean reward of the policy's answers to the held-out prompts (greedy unless the recipe says otherwise),
-        ended at the same stops as the rollouts', scored by the reward sources as the recipe weighs them (no
-        normalisation or clipping: comparable across runs)."""
+        """Mean reward of the policy's answers to the held-out prompts (greedy unless the recipe says otherwise)."""
         rows = self.eval_prompts
         prompts = list(rows["prompt"])
         columns = {key: list(rows[key]) for key in rows.column_names if key != "prompt"}
@@ -299,8 +295,10 @@ class PPOTrainer:
         with self.models._adapter(POLICY), self._autocast():
             completions = generation.generate(self.models.policy, self.tokenizer, prompts, self.eval_generation,
                                               stop_token_ids=self.args.stop_token_ids or ())
+        # Ended at the rollouts' stops; scored as the recipe weighs the sources, unnormalised (comparable across runs).
         completions = [self.stops.cut_text(completion) for completion in completions]
-        return float(self.reward.weighted_sum(self.reward(prompts, completions, columns)).mean())
+        rewards, _ = self.reward(prompts, completions, columns)
+        return sum(rewards) / len(rewards)
 
     def _finish(self) -> dict[str, Any]:
         if self.state.is_main_process:
