@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,17 @@ def demo_model_path() -> Path:
     from alignkit.demo.build import demo_model_dir
 
     return demo_model_dir()
+
+
+@pytest.fixture(scope="session")
+def demo_sft_run(tmp_path_factory) -> Path:
+    """The demo SFT run (recipes/demo/sft.yaml as shipped: LoRA on the demo model, word reversal, exact match
+    ~1.0; ~1 min on 2 cores), trained once per test session for the tests that start from it or talk to it
+    (the preference stages, chat, serve). Read it, never write into it."""
+    run_dir = tmp_path_factory.mktemp("demo-sft") / "run"
+    run_ok("sft", "recipes/demo/sft.yaml", f"train.output_dir={run_dir}", "train.save_strategy=no",
+           "train.eval_strategy=no", "evaluate=null")
+    return run_dir
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +80,42 @@ def kill_when_written(args: list[str], marker: Path, log: Path, timeout: float =
             time.sleep(0.1)
         process.send_signal(signal.SIGKILL)
         process.wait()
+
+
+def free_port() -> int:
+    """A localhost port free now (the OS's pick)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(model: str | Path, log: Path, key_env: str, key: str, *options: str, timeout: float = 180) -> Iterator[str]:
+    """``alignkit serve MODEL [OPTIONS]`` on a free localhost port with its API key in ``key_env``, as a subprocess;
+    yields its base URL (without /v1) once /health answers, stops it afterwards. Fails the test if its output
+    (``log``) ever shows the key."""
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{key_env: key})
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "alignkit", "serve", str(model), "--port", str(port),
+                                    "--api-key-env", key_env, *options], cwd=REPO, env=env, stdout=out, stderr=out)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, f"the server did not answer /health within {timeout:.0f} s"
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert key not in log.read_text(), "the API key appeared in the server's output"
 
 
 def run_ok(*args: str) -> None:

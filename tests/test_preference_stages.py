@@ -29,17 +29,9 @@ NO_CHECKPOINTS = ("train.save_strategy=no", "train.eval_strategy=no")
 
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-    """The demo SFT run (reversal, exact match ~1.0) every preference stage here starts from."""
-    run_dir = tmp_path_factory.mktemp("pref") / "sft"
-    run_ok("sft", "recipes/demo/sft.yaml", f"train.output_dir={run_dir}", *NO_CHECKPOINTS, "evaluate=null")
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def rm_run(sft_run, tmp_path_factory):
+def rm_run(demo_sft_run, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pref") / "rm"
-    run_ok("rm", "recipes/demo/rm.yaml", f"model.name_or_path={sft_run}", f"train.output_dir={run_dir}",
+    run_ok("rm", "recipes/demo/rm.yaml", f"model.name_or_path={demo_sft_run}", f"train.output_dir={run_dir}",
            *NO_CHECKPOINTS)
     return run_dir
 
@@ -65,9 +57,9 @@ def test_reward_model_ranks_held_out_pairs(rm_run):
     assert rates["win_rate"] == pytest.approx(accuracy) and sum(rates.values()) == pytest.approx(1.0)
 
 
-def test_win_rate_of_the_fine_tune_over_its_base(sft_run, rm_run, tmp_path):
+def test_win_rate_of_the_fine_tune_over_its_base(demo_sft_run, rm_run, tmp_path):
     out = tmp_path / "eval"
-    run_ok("eval", "recipes/demo/eval.yaml", f"model.name_or_path={sft_run}", f"train.output_dir={out}",
+    run_ok("eval", "recipes/demo/eval.yaml", f"model.name_or_path={demo_sft_run}", f"train.output_dir={out}",
            "evaluate.compare=base", f"evaluate.judge={rm_run}")
     metrics = metrics_of(out)
     assert metrics["eval/win_rate"] >= 0.9 and metrics["eval/loss_rate"] <= 0.05, metrics
@@ -83,10 +75,10 @@ def test_win_rates_count_ties_within_the_margin():
         win_rates([])
 
 
-def test_dpo_from_the_sft_run_learns_the_preferences_and_keeps_the_skill(sft_run, tmp_path):
+def test_dpo_from_the_sft_run_learns_the_preferences_and_keeps_the_skill(demo_sft_run, tmp_path):
     run_dir = tmp_path / "dpo"
-    run_ok("dpo", "recipes/demo/dpo.yaml", f"model.name_or_path={sft_run}", f"train.output_dir={run_dir}",
-           f"evaluate.compare={sft_run}", *NO_CHECKPOINTS)
+    run_ok("dpo", "recipes/demo/dpo.yaml", f"model.name_or_path={demo_sft_run}", f"train.output_dir={run_dir}",
+           f"evaluate.compare={demo_sft_run}", *NO_CHECKPOINTS)
     metrics = metrics_of(run_dir)
     assert metrics["dpo/reward_accuracy"] >= 0.9 and metrics["dpo/margin"] > 0, metrics
     assert metrics["compare/exact_match"] >= 0.9, metrics  # the SFT model
@@ -97,10 +89,10 @@ def test_dpo_from_the_sft_run_learns_the_preferences_and_keeps_the_skill(sft_run
     assert model.peft_config["default"].base_model_name_or_path.endswith("tiny-llama")
 
 
-def test_dpo_from_a_run_dir_starts_from_its_adapter_with_a_frozen_copy_as_reference(sft_run, tmp_path):
+def test_dpo_from_a_run_dir_starts_from_its_adapter_with_a_frozen_copy_as_reference(demo_sft_run, tmp_path):
     from trl import DPOConfig, DPOTrainer
 
-    recipe = load_recipe("recipes/demo/dpo.yaml", [f"model.name_or_path={sft_run}", *NO_CHECKPOINTS])
+    recipe = load_recipe("recipes/demo/dpo.yaml", [f"model.name_or_path={demo_sft_run}", *NO_CHECKPOINTS])
     args = training.training_args(recipe, DPOConfig, tmp_path / "dpo")
     model, tokenizer, peft_config = training.load_model_and_tokenizer(recipe, args)
     assert peft_config is None  # no fresh adapter: the SFT one is trained further
@@ -122,9 +114,9 @@ def test_dpo_from_a_run_dir_starts_from_its_adapter_with_a_frozen_copy_as_refere
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_every_dpo_loss_type_trains(sft_run, tmp_path, loss_type):
+def test_every_dpo_loss_type_trains(demo_sft_run, tmp_path, loss_type):
     logging.disable(logging.WARNING)
-    overrides = [f"model.name_or_path={sft_run}", f"train.output_dir={tmp_path / 'run'}",
+    overrides = [f"model.name_or_path={demo_sft_run}", f"train.output_dir={tmp_path / 'run'}",
                  f"train.loss_type=[{loss_type}]", "train.max_steps=3", "train.warmup_steps=0",
                  "train.logging_steps=1", "data.train=[{path: demo:reverse/preference, split: train, max_rows: 96}]",
                  "data.eval=[]", "evaluate=null", *NO_CHECKPOINTS]
@@ -138,34 +130,34 @@ def test_every_dpo_loss_type_trains(sft_run, tmp_path, loss_type):
     assert metrics["train/loss_end"] != metrics["train/loss_start"]
 
 
-def test_dpo_options_are_checked_before_training(sft_run):
+def test_dpo_options_are_checked_before_training(demo_sft_run):
     with pytest.raises(RecipeError, match="unknown DPO loss 'sigmod'. Did you mean 'sigmoid'"):
         load_recipe("recipes/demo/dpo.yaml", ["train.loss_type=[sigmod]"])
     with pytest.raises(RecipeError, match="run_adapter is 'continue'.*remove adapter.method"):
-        load_recipe("recipes/demo/dpo.yaml", [f"model.name_or_path={sft_run}", "adapter.method=lora"])
+        load_recipe("recipes/demo/dpo.yaml", [f"model.name_or_path={demo_sft_run}", "adapter.method=lora"])
     with pytest.raises(RecipeError, match="quantised base cannot hold"):
-        load_recipe("recipes/demo/dpo-qlora.yaml", [f"model.name_or_path={sft_run}", "model.run_adapter=merge"])
-    result = run_cli("dpo", "recipes/demo/dpo.yaml", f"model.name_or_path={sft_run}", "train.loss_type=[exo_pair]",
+        load_recipe("recipes/demo/dpo-qlora.yaml", [f"model.name_or_path={demo_sft_run}", "model.run_adapter=merge"])
+    result = run_cli("dpo", "recipes/demo/dpo.yaml", f"model.name_or_path={demo_sft_run}", "train.loss_type=[exo_pair]",
                      "train.output_dir=/nonexistent/never-written")
     assert result.returncode == 2 and "Label smoothing must be greater than 0.0" in result.stderr
 
 
-def test_rm_from_a_run_dir_needs_merge(sft_run, tmp_path):
-    result = run_cli("rm", "recipes/demo/rm.yaml", f"model.name_or_path={sft_run}", "model.run_adapter=continue",
+def test_rm_from_a_run_dir_needs_merge(demo_sft_run, tmp_path):
+    result = run_cli("rm", "recipes/demo/rm.yaml", f"model.name_or_path={demo_sft_run}", "model.run_adapter=continue",
                      f"train.output_dir={tmp_path / 'rm'}")
     assert result.returncode == 2 and "set model.run_adapter: merge" in result.stderr
 
 
-def test_dpo_qlora_trains_the_sft_adapter_on_a_4bit_base(sft_run, tmp_path):
+def test_dpo_qlora_trains_the_sft_adapter_on_a_4bit_base(demo_sft_run, tmp_path):
     from trl import DPOConfig
 
-    recipe = load_recipe("recipes/demo/dpo-qlora.yaml", [f"model.name_or_path={sft_run}"])
+    recipe = load_recipe("recipes/demo/dpo-qlora.yaml", [f"model.name_or_path={demo_sft_run}"])
     args = training.training_args(recipe, DPOConfig, tmp_path / "q")
     model, _, _ = training.load_model_and_tokenizer(recipe, args)
     assert modeling.is_quantized(model.get_base_model())
 
     run_dir = tmp_path / "dpo-qlora"
-    run_ok("dpo", "recipes/demo/dpo-qlora.yaml", f"model.name_or_path={sft_run}", f"train.output_dir={run_dir}",
+    run_ok("dpo", "recipes/demo/dpo-qlora.yaml", f"model.name_or_path={demo_sft_run}", f"train.output_dir={run_dir}",
            "train.max_steps=100", "evaluate.compare=null", *NO_CHECKPOINTS)
     metrics = metrics_of(run_dir)
     # Observed: reward accuracy 0.95, margin 0.76, exact match 0.995 after 100 steps.
@@ -173,9 +165,9 @@ def test_dpo_qlora_trains_the_sft_adapter_on_a_4bit_base(sft_run, tmp_path):
     assert metrics["eval/exact_match"] >= 0.9, metrics
 
 
-def test_kto_moves_the_margin_between_desirable_and_undesirable(sft_run, tmp_path):
+def test_kto_moves_the_margin_between_desirable_and_undesirable(demo_sft_run, tmp_path):
     run_dir = tmp_path / "kto"
-    run_ok("kto", "recipes/demo/kto.yaml", f"model.name_or_path={sft_run}", f"train.output_dir={run_dir}",
+    run_ok("kto", "recipes/demo/kto.yaml", f"model.name_or_path={demo_sft_run}", f"train.output_dir={run_dir}",
            *NO_CHECKPOINTS)
     metrics = metrics_of(run_dir)
     # The policy starts equal to its reference (margin 0); observed after 200 steps: 0.21 (demo model built
@@ -239,9 +231,9 @@ def test_reward_model_trains_fully_or_on_a_4bit_base_and_loads_back(tmp_path, ad
                                                                              abs=(flips + 0.01) / 64)
 
 
-def test_a_run_merged_into_its_base_trains_in_full(sft_run):
+def test_a_run_merged_into_its_base_trains_in_full(demo_sft_run):
     # peft freezes the base to load an adapter; once merged the model must be trainable again, or a full
     # fine-tune from a run dir (adapter method none, run_adapter merge) has nothing to train.
     model, _, keeps_adapter = modeling.load_run_for_training(
-        ModelSettings(name_or_path=str(sft_run), run_adapter="merge"), "causal_lm", gradient_checkpointing=False)
+        ModelSettings(name_or_path=str(demo_sft_run), run_adapter="merge"), "causal_lm", gradient_checkpointing=False)
     assert not keeps_adapter and all(param.requires_grad for param in model.parameters())

@@ -1,5 +1,5 @@
-"""Command line: ``alignkit <stage> RECIPE [key=value ...]``, ``validate``, ``plan``, ``merge``, ``score``,
-``recipes``, ``demo``.
+"""Command line: ``alignkit <stage> RECIPE [key=value ...]``, ``validate``, ``plan``, ``merge``, ``chat``,
+``serve``, ``score``, ``recipes``, ``demo``.
 
 Problems with the user's input (recipe, overrides, data, run dir) print one ``error:`` line and exit
 with code 2; only genuine bugs show a traceback. A run that fails or is interrupted (Ctrl-C: exit 130) is
@@ -16,6 +16,7 @@ import os
 import shlex
 import signal
 import sys
+import typing
 
 import yaml
 
@@ -29,8 +30,12 @@ from alignkit.pipeline import is_pipeline, load_pipeline, run_pipeline
 from alignkit.plan.report import run_plan
 from alignkit.recipe.library import copy_recipe, shipped_recipes
 from alignkit.recipe.loading import load_recipe
+from alignkit.recipe.settings import GenerationSettings
 from alignkit.runs.reports import before_and_after
 from alignkit.scoring import bad_line_report, score_file
+from alignkit.serve.chat import chat_options, run_chat
+from alignkit.serve.engine import Engine
+from alignkit.serve.server import serve
 from alignkit.stages import STAGES, training
 
 
@@ -86,6 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
     merge_parser.add_argument("--push", metavar="REPO_ID",
                               help="also upload it to this Hub repository (never by default)")
     merge_parser.add_argument("--public", action="store_true", help="with --push: create the repository public")
+    chat = commands.add_parser("chat", help="talk to a model in the terminal (one prompt per line when piped)")
+    chat.add_argument("model", metavar="RUN_OR_MODEL",
+                      help="a run dir (base + adapter), a merged or other model dir, a hub id, or demo:tiny-llama")
+    chat.add_argument("--system", help="a system turn that opens the conversation")
+    _add_generation_options(chat)
+    server = commands.add_parser("serve", help="serve a model behind an OpenAI-compatible HTTP API")
+    server.add_argument("model", metavar="RUN_OR_MODEL",
+                        help="a run dir (base + adapter), a merged or other model dir, a hub id, or demo:tiny-llama; "
+                        "clients ask for it by this name")
+    server.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: %(default)s, this machine only; 0.0.0.0: every network)")
+    server.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    server.add_argument("--served-model-name", metavar="NAME",
+                        help="the model's name in the API (/v1/models, the requests' 'model'; default: RUN_OR_MODEL)")
+    server.add_argument("--api-key-env", metavar="VAR",
+                        help="require 'Authorization: Bearer <key>' on /v1 routes, the key read from environment "
+                        "variable VAR (never given on the command line, where other users could read it)")
     library = commands.add_parser("recipes", help="list the shipped recipes, or copy one out to edit")
     library.add_argument("filter", nargs="?", help="only recipes whose name contains this (e.g. qwen, dpo)")
     library.add_argument("--copy", nargs=2, metavar=("NAME", "DEST"),
@@ -99,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="build the embedded demo model and list the demo datasets")
     demo.add_argument("--rebuild", action="store_true", help="rebuild even if a cached build exists")
     return parser
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    """A recipe's generation knobs (``evaluate.generation``) as options: ``--max-new-tokens 64``, ``--do-sample``."""
+    defaults, hints = GenerationSettings(), typing.get_type_hints(GenerationSettings)
+    for option in chat_options():
+        flag = "--" + option.name.replace("_", "-")
+        default = getattr(defaults, option.name)
+        help_text = option.metadata.get("help", "")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            kind = next(t for t in typing.get_args(hints[option.name]) or (hints[option.name],) if t is not type(None))
+            parser.add_argument(flag, type=kind, default=default, help=f"{help_text} (default: {default})")
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
@@ -136,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             return _recipes(args)
         if args.command == "merge":
             return _merge(args)
+        if args.command == "chat":
+            return _chat(args)
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "plan":
             return run_plan(args, _load(args))
         with _sigterm_interrupts():
@@ -267,6 +307,25 @@ def _merge(args) -> int:
           + f": {merged.path} ({merged.dtype})")
     if args.push:
         print(f"pushed: {merge.push(merged.path, args.push, private=not args.public)}")
+    return 0
+
+
+def _chat(args) -> int:
+    settings = GenerationSettings(**{option.name: getattr(args, option.name) for option in chat_options()})
+    return run_chat(Engine.load(args.model), settings, system=args.system)
+
+
+def _serve(args) -> int:
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise AlignkitError(f"--api-key-env {args.api_key_env}: the environment variable {args.api_key_env} is "
+                                "not set or empty")
+    engine = Engine.load(args.model, name=args.served_model_name)
+    print(f"serving {args.model} as '{engine.name}' at http://{args.host}:{args.port}/v1"
+          + (f" (bearer key from ${args.api_key_env})" if api_key else ""), file=sys.stderr, flush=True)
+    serve(engine, args.host, args.port, api_key)
     return 0
 
 

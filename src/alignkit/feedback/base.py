@@ -26,7 +26,7 @@ class Judge(Protocol):
 
 @dataclass
 class JudgeStats:
-    """Running counts of a judge: pairs judged, pairs skipped by reason, and means of diagnostics.
+    """Running counts of a judge: pairs judged, pairs skipped by reason, other totals, and means of diagnostics.
 
     A skipped pair (an empty answer, a question too long for the judge model...) gets probability 0.5 and is
     counted here rather than raising, so one bad sample never stops an RLAIF or evaluation run.
@@ -34,12 +34,17 @@ class JudgeStats:
 
     compared: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
     _sums: dict[str, tuple[float, int]] = field(default_factory=dict, repr=False)
 
     def skip(self, reason: str, count: int = 1) -> None:
         """Count ``count`` pairs skipped for ``reason``."""
         if count:
             self.skipped[reason] = self.skipped.get(reason, 0) + count
+
+    def count(self, name: str, count: int = 1) -> None:
+        """Add ``count`` to the running total reported as ``name`` (requests sent, cache hits...)."""
+        self.counts[name] = self.counts.get(name, 0) + count
 
     def add_mean(self, name: str, values: Sequence[float]) -> None:
         """Fold ``values`` into the running mean reported as ``name``."""
@@ -54,15 +59,18 @@ class JudgeStats:
             total.compared += part.compared
             for reason, count in part.skipped.items():
                 total.skip(reason, count)
+            for name, count in part.counts.items():
+                total.count(name, count)
             for name, (value, count) in part._sums.items():
                 old_value, old_count = total._sums.get(name, (0.0, 0))
                 total._sums[name] = (old_value + value, old_count + count)
         return total
 
     def summary(self) -> dict[str, float]:
-        """``compared``, ``skipped`` (all reasons), ``skipped_<reason>`` and every running mean."""
+        """``compared``, ``skipped`` (all reasons), ``skipped_<reason>``, every running total and mean."""
         out: dict[str, float] = {"compared": self.compared, "skipped": sum(self.skipped.values())}
         out |= {f"skipped_{reason}": count for reason, count in self.skipped.items()}
+        out |= dict(self.counts)
         out |= {name: total / count for name, (total, count) in self._sums.items() if count}
         return out
 

@@ -9,6 +9,10 @@ A recipe names a judge in a mapping (``evaluate.judge``, ``rlaif.judge``, ``rest
       constitution: The right answer has the words in reverse order.
       swap: true                       # ask in both orders, cancelling position bias
 
+    judge:                             # an LLM judge behind an OpenAI-compatible endpoint (kind llm implied)
+      api: {base_url: http://127.0.0.1:8000/v1, model: runs/demo-judge, api_key_env: JUDGE_API_KEY}
+      swap: true
+
     judge: {kind: rule, function: alignkit.demo.rewards:reversal_reward}
     judge: runs/demo-rm                # short for {kind: reward_model, model: runs/demo-rm}
 
@@ -18,6 +22,7 @@ Nothing is loaded until ``load_judge`` runs, so a recipe validates without touch
 from __future__ import annotations
 
 from alignkit.distributed import map_shared
+from alignkit.feedback.api_judge import APIJudge
 from alignkit.feedback.base import Judge, JudgeStats
 from alignkit.feedback.llm import LLMJudge
 from alignkit.feedback.reward_model import RewardModel, RewardModelJudge
@@ -29,6 +34,8 @@ def load_judge(settings: JudgeSettings) -> Judge:
     """The judge ``settings`` describe, with its model loaded or its function imported."""
     if settings.kind == "rule":
         return RuleJudge.from_path(settings.function, temperature=settings.temperature)
+    if settings.api is not None:
+        return APIJudge.from_settings(settings)
     if settings.kind == "reward_model":
         return RewardModelJudge(RewardModel.load(settings.model, batch_size=settings.batch_size))
     return LLMJudge.load(settings.model, template=settings.template, constitution=settings.constitution,

@@ -1,4 +1,5 @@
-"""Reward sources for the RL stages (ppo, grpo, rloo): reward models and rule functions, weighted.
+"""Reward sources for the RL stages (ppo, grpo, rloo): reward models, rule functions and rating models behind an
+API, weighted.
 
 A recipe names its rewards in a ``reward:`` section; nothing in it is executed until the run starts::
 
@@ -6,6 +7,7 @@ A recipe names its rewards in a ``reward:`` section; nothing in it is executed u
       sources:
         - {function: alignkit.demo.rewards:reversal_reward}   # a rule, by import path
         - {model: runs/demo-rm, weight: 0.5}                 # an rm run dir, a local dir or a hub id
+        - {api: {base_url: http://127.0.0.1:8000/v1, model: m}}   # a model behind an API rates each answer 0-9
 
 Every source becomes a *reward function* with TRL's signature, ``f(prompts, completions, **columns) ->
 list[float]``: prompts are message lists, completions are the decoded answers (strings), and the other
@@ -28,8 +30,9 @@ from typing import Any
 
 from alignkit.distributed import map_shared
 from alignkit.errors import RecipeError
+from alignkit.feedback.api_reward import APIRater
 from alignkit.feedback.reward_model import RewardModel
-from alignkit.recipe.settings.reward import RewardSettings
+from alignkit.recipe.settings.reward import RewardSettings, RewardSource
 from alignkit.suggest import did_you_mean
 
 RewardFunction = Callable[..., list[float]]
@@ -67,6 +70,19 @@ def reward_model_function(path: str, batch_size: int = 32) -> RewardFunction:
     return score
 
 
+def api_rating_function(source: RewardSource) -> RewardFunction:
+    """A reward function asking the model behind ``source.api`` to rate each (prompt, answer) from 0 to 9: the
+    expected rating / 9 (``APIRater``). Its counts (requests, cache hits, unrated answers) are in ``.stats``."""
+    rater = APIRater.from_source(source)
+
+    def score(prompts: Sequence, completions: Sequence, **_columns) -> list[float]:
+        return rater.score([_as_messages(p) for p in prompts], [_as_text(c) for c in completions])
+
+    score.__name__ = f"api_rating_{_slug(source.api.model)}"  # TRL logs each function's reward under its name
+    score.stats = rater.stats  # type: ignore[attr-defined]
+    return score
+
+
 def load_reward_functions(settings: RewardSettings) -> list[RewardFunction]:
     """One reward function per source, rule functions checked to take (prompts, completions, ...)."""
     functions = []
@@ -75,6 +91,8 @@ def load_reward_functions(settings: RewardSettings) -> list[RewardFunction]:
             function = import_function(source.function)
             _check_signature(function, source.function)
             functions.append(function)
+        elif source.api is not None:
+            functions.append(api_rating_function(source))
         else:
             functions.append(reward_model_function(source.model, source.batch_size))
     return functions

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from alignkit.recipe.settings.endpoint import EndpointSettings
 from alignkit.recipe.settings.judge_text import (
     DEFAULT_CONSTITUTION,
     DEFAULT_TEMPLATE,
@@ -23,15 +24,21 @@ class JudgeSettings:
 
     SHORTHAND_FIELD = "model"  # `judge: runs/demo-rm` is short for `judge: {model: runs/demo-rm}`
 
-    kind: JudgeKind = field(
-        default="reward_model",
-        metadata={"help": "llm: a causal LM asked which answer is better (read from its option-token "
-                  "probabilities); reward_model: sigmoid of the reward difference (Bradley-Terry); rule: a reward "
-                  "function's scores compared."},
+    kind: JudgeKind | None = field(
+        default=None,
+        metadata={"help": "llm: a language model asked which answer is better (a local model, read from its "
+                  "option-token probabilities, or an OpenAI-compatible endpoint, `api`); reward_model: sigmoid of "
+                  "the reward difference (Bradley-Terry); rule: a reward function's scores compared. null: from "
+                  "what is given (function: rule, api: llm, model: reward_model)."},
     )
     model: str | None = field(
         default=None,
         metadata={"help": "The judge model (kind llm or reward_model): an alignkit run dir, a local dir or a hub id."},
+    )
+    api: EndpointSettings | None = field(
+        default=None,
+        metadata={"help": "An LLM judge behind an OpenAI-compatible endpoint: {base_url, model, api_key_env, ...}. The "
+                  "judge options (template, constitution, options, swap, chain_of_thought) apply as to a local one."},
     )
     function: str | None = field(
         default=None,
@@ -80,12 +87,19 @@ class JudgeSettings:
     batch_size: int = field(default=16, metadata={"help": "Questions (or answers) per forward pass."})
 
     def __post_init__(self) -> None:
-        needs = "function" if self.kind == "rule" else "model"
-        other = "model" if needs == "function" else "function"
-        if getattr(self, needs) is None:
-            raise ValueError(f"a judge of kind '{self.kind}' needs '{needs}'")
-        if getattr(self, other) is not None:
-            raise ValueError(f"a judge of kind '{self.kind}' takes '{needs}', not '{other}'")
+        if self.kind is None:
+            self.kind = "rule" if self.function is not None else "llm" if self.api is not None else "reward_model"
+        given = [name for name in ("model", "function", "api") if getattr(self, name) is not None]
+        takes = {"rule": ("function",), "reward_model": ("model",), "llm": ("model", "api")}[self.kind]
+        wanted = " or ".join(f"'{name}'" for name in takes)
+        extra = [f"'{name}'" for name in given if name not in takes]
+        if extra:
+            raise ValueError(f"a judge of kind '{self.kind}' takes {wanted}, not {', '.join(extra)}")
+        if not given:
+            raise ValueError(f"a judge of kind '{self.kind}' needs {wanted}")
+        if len(given) > 1:
+            raise ValueError(f"a judge of kind '{self.kind}' takes 'model' (a local model) or 'api' (an endpoint), "
+                             "not both")
         if self.function is not None:
             RewardSource(function=self.function)  # checks the module:function form, with an example
         if len(self.options) != 2 or not all(label.strip() for label in self.options):
@@ -102,6 +116,8 @@ class JudgeSettings:
     @property
     def label(self) -> str:
         """How reports name this judge: its model or function (LLM judges marked as such)."""
+        if self.api is not None:
+            return f"{self.api.model} at {self.api.base_url} (LLM judge)"
         if self.kind == "llm":
             return f"{self.model} (LLM judge)"
         return str(self.model if self.kind == "reward_model" else self.function)
