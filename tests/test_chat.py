@@ -11,6 +11,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 
 import pexpect
 import pytest
@@ -71,7 +72,11 @@ def test_chat_on_a_terminal(engine, demo_sft_run):
         chat.sendline(first)
         chat.expect_exact(greedy(engine, [user(first)]))
         chat.expect_exact("> ")
-        chat.sendintr()  # Ctrl-C at the prompt: a fresh prompt, the session goes on
+        # Ctrl-C at the prompt: a fresh prompt, the session goes on. A person presses it long after the prompt
+        # is drawn; sent at once, it can land between readline drawing the prompt and waiting on the terminal,
+        # where CPython only acts on it at the next keypress (seen once on a loaded 2-core machine): so wait.
+        time.sleep(1.0)
+        chat.sendintr()
         chat.expect_exact("> ")
         chat.sendline("/reset")
         chat.expect_exact("> ")
