@@ -21,7 +21,7 @@ import typing
 import yaml
 
 from alignkit import __version__, distributed
-from alignkit.data import check_sources
+from alignkit.data import check_sources, countable, prepare
 from alignkit.demo.build import demo_model_dir
 from alignkit.demo.tasks import DEMO_DATASETS
 from alignkit.errors import AlignkitError
@@ -36,7 +36,7 @@ from alignkit.scoring import bad_line_report, score_file
 from alignkit.serve.chat import chat_options, run_chat
 from alignkit.serve.engine import Engine
 from alignkit.serve.server import serve
-from alignkit.stages import STAGES, training
+from alignkit.stages import STAGES, get_stage, training
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -262,6 +262,12 @@ def _validate(args) -> int:
     recipe = _load(args)
     print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
     print(f"# {args.recipe}: valid {recipe.stage} recipe", file=sys.stderr)
+    loader = get_stage(recipe.stage).load_data
+    if loader is not None and countable(recipe.data):  # the rows the run will train on, prepared once for both
+        data = prepare(recipe.data, loader)
+        skipped = sum(sum(report.skipped.values()) for report in data.reports)
+        print(f"# data: {len(data.train):,} training rows, {len(data.eval or []):,} held out, {skipped:,} bad rows "
+              f"skipped (prepared data {data.cache_key or 'not cached'})", file=sys.stderr)
     return 0
 
 

@@ -85,6 +85,21 @@ def is_main_process() -> bool:
     return state().is_main_process
 
 
+def launched() -> bool:
+    """Whether several processes were launched (torchrun / accelerate launch set WORLD_SIZE), asked without
+    setting up accelerate's state, so that one-process commands (validate, plan) never do."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def main_process_first():
+    """A context in which the main process runs first and the others after it (accelerate's
+    ``main_process_first``), for work the others then reuse, such as preparing data into a cache; a plain
+    context with one process."""
+    import contextlib
+
+    return state().main_process_first() if launched() else contextlib.nullcontext()
+
+
 def device():
     """The device of this process (its GPU under a multi-GPU launch, else the CPU)."""
     return state().device

@@ -7,197 +7,139 @@ conversational pairs or unpaired rows (:func:`load_preference_data`); prompt dat
 
 Bad rows never stop a run: each source's rows that do not fit its format are counted by reason and
 reported (with the first offending row number); a source left with no valid rows is an error.
+
+Everything runs in Arrow: sources open through ``datasets`` (:mod:`~alignkit.data.sources`), rows are
+converted by a batched ``Dataset.map`` (:mod:`~alignkit.data.convert`), mixed and split by index selection
+(:mod:`~alignkit.data.mixing`); :func:`prepare` caches the result by content (:mod:`~alignkit.data.cache`);
+``data.streaming`` reads SFT sources as the run goes (:mod:`~alignkit.data.streaming`). The ``load_*_source``
+functions return one source's rows as Python lists, for tests and small tools.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from alignkit.data import formats, sources
+from alignkit.data import columns, convert, formats, sources, streaming
+from alignkit.data.cache import prepare
+from alignkit.data.convert import pick_template
+from alignkit.data.mixing import apply_weight, mix, split_eval
+from alignkit.data.prepared import PreparedData, SourceReport
 from alignkit.errors import DataError
 from alignkit.recipe.settings import DataSettings, DataSource
-from alignkit.suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class SourceReport:
-    """What happened to one source's rows."""
-
-    where: str
-    path: str
-    format: str
-    rows_read: int = 0
-    rows_kept: int = 0
-    skipped: Counter = field(default_factory=Counter)  # reason -> count
-    first_bad_row: int | None = None
-
-    def summary(self) -> str:
-        reasons = ", ".join(f"{reason} ({count})" for reason, count in self.skipped.most_common())
-        return (f"{self.where} ({self.path}, format {self.format}): skipped {sum(self.skipped.values())} of "
-                f"{self.rows_read} rows: {reasons}; first bad row: {self.first_bad_row}")
-
-    def to_dict(self) -> dict:
-        return {"path": self.path, "format": self.format, "rows_read": self.rows_read, "rows_kept": self.rows_kept,
-                "skipped": dict(self.skipped), "first_bad_row": self.first_bad_row}
+__all__ = ["PreparedData", "SourceReport", "apply_weight", "check_sources", "countable", "load_preference_data",
+           "load_preference_source", "load_prompt_data", "load_prompt_source", "load_sft_data", "load_sft_source",
+           "pick_template", "prepare", "split_eval"]
 
 
-@dataclass
-class PreparedData:
-    """Train and eval datasets in TRL's format, and a report per source."""
+def _convert_source(raw: sources.RawSource, source: DataSource, where: str, known_formats,
+                    converter_for: Callable[[str], convert.RowConverter], features_for: Callable[[str], Any],
+                    num_proc: int | None):
+    """An opened source's format settled and its rows converted by a batched map: (converted dataset, format)."""
+    fmt = convert.detect_format(raw, source, where, known_formats)
+    return convert.convert(raw, source, converter_for(fmt), features_for(fmt), num_proc), fmt
 
-    train: object  # datasets.Dataset
-    eval: object | None
-    reports: list[SourceReport]
+
+def _sft_converters(system_prompt: str | None) -> Callable[[str], convert.RowConverter]:
+    """``converter_for(format)`` of SFT rows (:func:`formats.sft_row`)."""
+    return lambda fmt: lambda row, _row_number: formats.sft_row(fmt, row, system_prompt)
+
+
+def sft_source(source: DataSource, where: str, system_prompt: str | None = None,
+               num_proc: int | None = None) -> tuple[Any, SourceReport]:
+    """One source's SFT rows as a dataset (``{"messages": [...]}``, or ``{"text": ...}`` for raw text), and its
+    report."""
+    raw = sources.open_source(source, where)
+    tools = sources.mentions_tools(raw)
+    converted, fmt = _convert_source(raw, source, where, formats.SFT_FORMATS, _sft_converters(system_prompt),
+                                     lambda fmt: columns.sft(fmt, tools), num_proc)
+    report = convert.report_of(converted, where, source, fmt)
+    return convert.kept_rows(converted, report), report
 
 
 def load_sft_source(source: DataSource, where: str, system_prompt: str | None = None) -> tuple[list, SourceReport]:
-    """Normalised conversations of one source and its report."""
-    rows = sources.read_rows(source, where)
-    return _normalise(rows, source, where, _sft_converter, formats.SFT_FORMATS,
-                      lambda messages: formats.add_system_prompt(messages, system_prompt))
-
-
-def _sft_converter(fmt: str) -> Callable[[dict, int], list]:
-    convert = formats.SFT_FORMATS[fmt]
-    return lambda row, _row_number: convert(row)
-
-
-def _normalise(rows, source: DataSource, where: str, converter_for: Callable[[str], Callable[[dict, int], Any]],
-               known_formats, finish: Callable = lambda x: x,
-               settle: Callable[[list], list] | None = None) -> tuple[list, SourceReport]:
-    """Convert a source's rows with the converter of its format (named, or detected from the columns).
-
-    ``converter_for(format)`` returns ``convert(row, row_number)``; the row number lets a converter make
-    per-row random choices that repeat on every run. ``settle``, if given, judges the converted rows
-    together (for rules about the whole source) and returns each one, possibly changed, or a RowError.
-    """
-    if source.format != "auto" and source.format not in known_formats:
-        raise DataError(f"{where}: unknown format '{source.format}'.{did_you_mean(source.format, known_formats)} "
-                        f"Choose auto or one of: {', '.join(known_formats)}")
-    report = SourceReport(where=where, path=source.path, format=source.format)
-    convert = None if source.format == "auto" else converter_for(source.format)
-    kept: list[tuple[int, Any]] = []  # (row number, converted row)
-    undetected: list[tuple[int, dict]] = []  # auto: rows seen before the format is known whose columns fit none
-    for row_number, row in rows:
-        if source.max_rows is not None and report.rows_read >= source.max_rows:
-            break
-        report.rows_read += 1
-        try:
-            if row is None:
-                raise formats.RowError("not a JSON object")
-            if source.columns:
-                row = {source.columns.get(key, key): value for key, value in row.items()}
-            if source.templates:
-                row = formats.apply_template(row, pick_template(source.templates, row_number))
-            if convert is None:  # auto: the first row whose columns fit a format decides
-                detected = formats.detect_format(row, known_formats)
-                if detected is None:
-                    # A JSON Lines row may just lack a field: judge it once a later row reveals the format.
-                    undetected.append((row_number, row))
-                    continue
-                report.format, convert = detected, converter_for(detected)
-            kept.append((row_number, finish(convert(row, row_number))))
-        except formats.RowError as err:
-            _skip(report, err, row_number)
-    if undetected and convert is None:
-        raise DataError(f"{where}: cannot tell the format of '{source.path}' from its columns "
-                        f"({', '.join(undetected[0][1])}); set format: to one of {', '.join(known_formats)}")
-    for row_number, row in undetected:
-        try:
-            kept.append((row_number, finish(convert(row, row_number))))
-        except formats.RowError as err:
-            _skip(report, err, row_number)
-    if settle is not None:
-        settled = settle([item for _, item in kept])
-        for (row_number, _), outcome in zip(kept, settled):
-            if isinstance(outcome, formats.RowError):
-                _skip(report, outcome, row_number)
-        kept = [(row_number, outcome) for (row_number, _), outcome in zip(kept, settled)
-                if not isinstance(outcome, formats.RowError)]
-    report.rows_kept = len(kept)
-    if report.skipped:
-        logger.warning(report.summary())
-    if not kept:
-        detail = f": {report.summary()}" if report.rows_read else " (it is empty)"
-        raise DataError(f"{where}: no usable rows in '{source.path}'{detail}")
-    return [item for _, item in kept], report
-
-
-def pick_template(templates: list[str], row_number: int) -> str:
-    """One of ``templates`` for a row: random per row, but the same row always gets the same phrasing."""
-    return templates[random.Random(f"template-{row_number}").randrange(len(templates))]
-
-
-def _skip(report: SourceReport, err: formats.RowError, row_number: int) -> None:
-    report.skipped[str(err)] += 1
-    report.first_bad_row = row_number if report.first_bad_row is None else min(report.first_bad_row, row_number)
-
-
-def apply_weight(rows: list, weight: float, rng: random.Random) -> list:
-    """Up- or down-sample ``rows`` to ``round(len(rows) * weight)``: whole copies, then a random remainder."""
-    target = max(1, round(len(rows) * weight))
-    copies, remainder = divmod(target, len(rows))
-    return rows * copies + rng.sample(rows, remainder)
-
-
-def split_eval(rows: list, eval_size: float) -> tuple[list, list]:
-    """Hold out ``eval_size`` rows (a fraction if < 1, else a count) from already-shuffled ``rows``."""
-    count = round(len(rows) * eval_size) if eval_size < 1 else int(eval_size)
-    if count >= len(rows):
-        raise DataError(f"data.eval_size={eval_size} would leave no training rows (the mixture has {len(rows)})")
-    return rows[count:], rows[:count]
+    """Normalised conversations of one source (as Python lists) and its report."""
+    dataset, report = sft_source(source, where, system_prompt)
+    return dataset["text" if "text" in dataset.column_names else "messages"], report
 
 
 def load_sft_data(settings: DataSettings) -> PreparedData:
-    """The SFT mixture as ``{"messages": [...]}`` datasets, with a held-out split."""
-    load = lambda source, where: load_sft_source(source, where, settings.system_prompt)  # noqa: E731
-    return _mix(settings, load, lambda messages: {"messages": messages})
+    """The SFT mixture as ``{"messages": [...]}`` (or raw ``{"text": ...}``) datasets, with a held-out split;
+    streamed (``IterableDataset`` for training) when ``settings.streaming``."""
+    kinds: dict[str, str] = {}  # where -> "raw text" or "conversations"
+
+    def load(source: DataSource, where: str) -> tuple[Any, SourceReport]:
+        if settings.streaming:
+            dataset, report = streaming.stream_source(source, where, formats.SFT_FORMATS,
+                                                      _sft_converters(settings.system_prompt), columns.sft)
+        else:
+            dataset, report = sft_source(source, where, settings.system_prompt, settings.num_proc)
+        kinds[f"{where} ({source.path})"] = "raw text" if report.format == "text" else "conversations"
+        if len(set(kinds.values())) > 1:
+            found = "; ".join(f"{kind} in {name}" for name, kind in kinds.items())
+            raise DataError(f"raw text and conversations cannot be mixed in one SFT dataset ({found}): TRL trains "
+                            "on one or the other; convert one of them, or train them in two steps")
+        return dataset, report
+
+    return streaming.prepare_stream(settings, load) if settings.streaming else _prepare(settings, load)
 
 
-def _mix(settings: DataSettings, load_source: Callable, to_row: Callable,
-         expand: Callable[[Any], list] | None = None) -> PreparedData:
-    """Weight, shuffle and split the sources' rows; ``expand``, if given, turns each row into several."""
-    from datasets import Dataset
-
-    rng = random.Random(settings.seed)
-    reports, train_rows = [], []
-    for index, source in enumerate(settings.train):
-        rows, report = load_source(source, f"data.train[{index}]")
-        reports.append(report)
-        train_rows += apply_weight(rows, source.weight, rng)
-    rng.shuffle(train_rows)
-
-    eval_rows: list = []
-    if settings.eval:
-        for index, source in enumerate(settings.eval):
-            rows, report = load_source(source, f"data.eval[{index}]")
+def _prepare(settings: DataSettings, load_source: Callable[[DataSource, str], tuple[Any, SourceReport]],
+             expand: Callable[[Any], Any] | None = None) -> PreparedData:
+    """Every source loaded, then mixed and split (:func:`alignkit.data.mixing.mix`)."""
+    reports, loaded = [], {}
+    for group in ("train", "eval"):
+        for index, source in enumerate(getattr(settings, group) or []):
+            where = f"data.{group}[{index}]"
+            loaded[where], report = load_source(source, where)
             reports.append(report)
-            eval_rows += rows
-    elif settings.eval_size > 0:
-        train_rows, eval_rows = split_eval(train_rows, settings.eval_size)
-    if expand is not None:
-        # After the split, so the rows made from one source row (a pair's two halves) never end up on both
-        # sides; shuffled again so they are not neighbours: TRL's KTO trainer takes each row's neighbour's
-        # completion as the mismatched sample of its KL estimate.
-        train_rows = [out for row in train_rows for out in expand(row)]
-        eval_rows = [out for row in eval_rows for out in expand(row)]
-        rng.shuffle(train_rows)
-        rng.shuffle(eval_rows)
-
-    as_dataset = lambda rows: Dataset.from_list([to_row(r) for r in rows])  # noqa: E731
-    return PreparedData(train=as_dataset(train_rows), eval=as_dataset(eval_rows) if eval_rows else None,
-                        reports=reports)
+    aligned = dict(zip(loaded, _aligned(list(loaded.values()))))
+    train = [dataset for where, dataset in aligned.items() if where.startswith("data.train")]
+    eval_sets = [dataset for where, dataset in aligned.items() if where.startswith("data.eval")]
+    train_set, eval_set = mix(settings, train, eval_sets, expand)
+    return PreparedData(train=train_set, eval=eval_set, reports=reports)
 
 
 PreferenceKind = Literal["pairs", "unpaired"]
 PAIR_STAGES_MESSAGE = "unpaired rows (completion/label) are for the kto stage; rm/dpo/orpo need pairs"
+
+
+def preference_source(source: DataSource, where: str, kind: PreferenceKind,
+                      pairing: formats.Pairing = "best_vs_random", system_prompt: str | None = None,
+                      num_proc: int | None = None) -> tuple[Any, SourceReport]:
+    """One source's preference rows as a dataset (see :func:`load_preference_source`) and its report."""
+    if source.templates and source.format == "implicit_preference":
+        raise DataError(f"{where}: templates write a 'prompt' column, but implicit_preference rows take their "
+                        "prompt from chosen/rejected; remove templates or use format: preference")
+
+    def converter_for(fmt: str) -> convert.RowConverter:
+        if fmt == "unpaired" and kind == "pairs":
+            raise DataError(f"{where}: '{source.path}' is in the unpaired format; {PAIR_STAGES_MESSAGE} "
+                            "(prompt/chosen/rejected, chosen/rejected conversations, or rated completions)")
+        to_row = formats.PREFERENCE_FORMATS[fmt]
+
+        def run(row: dict, row_number: int) -> dict[str, Any]:
+            converted = formats.with_system_prompt(to_row(row, row_number, pairing), system_prompt)
+            if "margin" in converted:  # judged per source once every row is converted (_settle_margins)
+                margin = formats.as_number(converted["margin"])
+                converted |= {"margin": margin, columns.MARGIN_STATE: "not a number" if margin is None else "number"}
+            return converted
+
+        return run
+
+    raw = sources.open_source(source, where)
+    tools = sources.mentions_tools(raw)
+    converted, fmt = _convert_source(raw, source, where, formats.PREFERENCE_FORMATS, converter_for,
+                                     lambda fmt: columns.preference(fmt, tools), num_proc)
+    if fmt != "unpaired":
+        converted = _settle_margins(converted, keep=kind == "pairs")
+    report = convert.report_of(converted, where, source, fmt)
+    return convert.kept_rows(converted, report), report
 
 
 def load_preference_source(source: DataSource, where: str, kind: PreferenceKind,
@@ -209,37 +151,73 @@ def load_preference_source(source: DataSource, where: str, kind: PreferenceKind,
     for an ``unpaired`` source with ``kind="unpaired"``, ``{"prompt", "completion", "label"}``. Pairs are
     split for KTO only once the mixture is made (:func:`load_preference_data`), so weights count pairs.
     """
-    if source.templates and source.format == "implicit_preference":
-        raise DataError(f"{where}: templates write a 'prompt' column, but implicit_preference rows take their "
-                        "prompt from chosen/rejected; remove templates or use format: preference")
-
-    def converter_for(fmt: str) -> Callable[[dict, int], dict[str, Any]]:
-        if fmt == "unpaired" and kind == "pairs":
-            raise DataError(f"{where}: '{source.path}' is in the unpaired format; {PAIR_STAGES_MESSAGE} "
-                            "(prompt/chosen/rejected, chosen/rejected conversations, or rated completions)")
-        convert = formats.PREFERENCE_FORMATS[fmt]
-        return lambda row, row_number: convert(row, row_number, pairing)
-
-    rows = sources.read_rows(source, where)
-    return _normalise(rows, source, where, converter_for, formats.PREFERENCE_FORMATS,
-                      lambda row: formats.with_system_prompt(row, system_prompt),
-                      _settle_margins if kind == "pairs" else None)
+    dataset, report = preference_source(source, where, kind, pairing, system_prompt)
+    return dataset.to_list(), report
 
 
-def _settle_margins(pairs: list[dict[str, Any]]) -> list[dict[str, Any] | formats.RowError]:
+def _settle_margins(converted, keep: bool):
     # A source has margins when any of its pairs has one; then every pair needs one, because TRL's reward
-    # trainer applies the margin column to whole batches.
-    if not any("margin" in pair for pair in pairs):
-        return pairs
-    settled: list[dict[str, Any] | formats.RowError] = []
-    for pair in pairs:
-        if "margin" not in pair:
-            settled.append(formats.RowError("'margin' is missing"))
-        elif (margin := formats.as_number(pair["margin"])) is None:
-            settled.append(formats.RowError("'margin' is not a number"))
-        else:
-            settled.append({**pair, "margin": margin})
-    return settled
+    # trainer applies the margin column to whole batches. Judged with Arrow compute over the map's output.
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    state = converted.data.column(columns.MARGIN_STATE)
+    if keep and pc.any(pc.is_valid(state)).as_py():
+        reason = converted.data.column(convert.REASON)
+        judged = pc.if_else(pc.is_valid(reason), reason,
+                            pc.if_else(pc.is_null(state), pa.scalar("'margin' is missing"),
+                                       pc.if_else(pc.equal(state, "number"), pa.scalar(None, pa.string()),
+                                                  pa.scalar("'margin' is not a number"))))
+        converted = converted.remove_columns(convert.REASON).add_column(convert.REASON, judged.combine_chunks())
+        return converted.remove_columns(columns.MARGIN_STATE)
+    return converted.remove_columns(["margin", columns.MARGIN_STATE])
+
+
+def _to_unpaired(dataset):
+    """KTO rows from a mixture of pairs (each giving a desirable and an undesirable row) and unpaired rows."""
+    features = columns.unpaired(_has_tools(dataset))
+
+    def split_pairs(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"prompt": [], "completion": [], "label": []}
+        for position, prompt in enumerate(batch["prompt"]):
+            if batch.get("label") is not None and batch["label"][position] is not None:
+                row = {"prompt": prompt, "completion": batch["completion"][position], "label": batch["label"][position]}
+            else:
+                row = {"prompt": prompt, "chosen": batch["chosen"][position], "rejected": batch["rejected"][position]}
+            for unpaired in formats.to_unpaired(row):
+                for column in out:
+                    out[column].append(unpaired[column])
+        return out
+
+    return dataset.map(split_pairs, batched=True, remove_columns=dataset.column_names, features=features,
+                       desc="Splitting pairs for KTO")
+
+
+def _has_tools(dataset) -> bool:
+    return "tool_calls" in str(dataset.features["prompt"])
+
+
+def _aligned(datasets_: list) -> list:
+    """Datasets given the same columns, so they concatenate: a column some lack is added as null (KTO's
+    mixture of pairs and unpaired rows), and messages without tool columns get them (null) when another
+    source's messages have them."""
+    from datasets import Features
+
+    features: dict[str, Any] = {}
+    for dataset in datasets_:
+        for name, feature in dataset.features.items():
+            if name not in features or ("tool_calls" in str(feature) and "tool_calls" not in str(features[name])):
+                features[name] = feature
+    aligned = []
+    for dataset in datasets_:
+        for name, feature in features.items():
+            if name not in dataset.column_names:
+                dataset = dataset.add_column(name, [None] * len(dataset), feature=feature)
+        dataset = dataset.select_columns(list(features))
+        if dataset.features != Features(features):
+            dataset = dataset.cast(Features(features))
+        aligned.append(dataset)
+    return aligned
 
 
 def load_preference_data(settings: DataSettings, kind: PreferenceKind) -> PreparedData:
@@ -253,22 +231,24 @@ def load_preference_data(settings: DataSettings, kind: PreferenceKind) -> Prepar
     """
     if kind not in ("pairs", "unpaired"):
         raise ValueError(f"kind must be 'pairs' or 'unpaired', not {kind!r}")
-    loaded: dict[str, tuple[list, SourceReport]] = {}  # where -> rows and report; _mix takes them from here
+    loaded: dict[str, tuple[Any, SourceReport]] = {}  # where -> dataset and report; _prepare takes them from here
     for group in ("train", "eval"):
         for index, source in enumerate(getattr(settings, group) or []):
             where = f"data.{group}[{index}]"
-            loaded[where] = load_preference_source(source, where, kind, settings.pairing, settings.system_prompt)
+            loaded[where] = preference_source(source, where, kind, settings.pairing, settings.system_prompt,
+                                              settings.num_proc)
     if kind == "pairs":
         _check_margins_agree(loaded)
-    return _mix(settings, lambda source, where: loaded[where], lambda row: row,
-                formats.to_unpaired if kind == "unpaired" else None)
+    return _prepare(settings, lambda source, where: loaded[where], _to_unpaired if kind == "unpaired" else None)
 
 
-def _check_margins_agree(loaded: dict[str, tuple[list, SourceReport]]) -> None:
+def _check_margins_agree(loaded: dict[str, tuple[Any, SourceReport]]) -> None:
     # One dataset needs one set of columns, and a margin that only some batches carry would make the
     # reward loss differ from batch to batch.
-    with_margin = [f"{where} ({report.path})" for where, (rows, report) in loaded.items() if "margin" in rows[0]]
-    without = [f"{where} ({report.path})" for where, (rows, report) in loaded.items() if "margin" not in rows[0]]
+    named = {f"{where} ({report.path})": "margin" in dataset.column_names
+             for where, (dataset, report) in loaded.items()}
+    with_margin = [name for name, has in named.items() if has]
+    without = [name for name, has in named.items() if not has]
     if with_margin and without:
         raise DataError(f"some sources have a margin column and some do not: with: {', '.join(with_margin)}; "
                         f"without: {', '.join(without)}. Give every source a margin, or none")
@@ -282,29 +262,55 @@ def load_prompt_source(source: DataSource, where: str,
     formats. Within a source a column holds one kind of value (see :func:`formats.value_kind`; None fits
     any): the kind most of its rows have, the others being bad rows. Columns in
     :data:`formats.RESERVED_COLUMNS` are dropped with a warning.
+
+    Prompt rows keep every column of their source, of any type, so they are converted with the same batched
+    function as the other formats but in this process, as Python rows: Arrow could only store them once the
+    column kinds are settled over the whole source. Prompt sets (prompts only, for RL) are small.
     """
     dropped: set[str] = set()
 
-    def converter_for(fmt: str) -> Callable[[dict, int], dict[str, Any]]:
+    def converter_for(fmt: str) -> convert.RowConverter:
         if fmt == "messages" and source.templates:
             raise DataError(f"{where}: templates write a 'prompt' column, but messages rows take their prompt from "
                             "the conversation; remove templates or use format: prompt_only")
-        convert = formats.PROMPT_FORMATS[fmt]
+        to_row = formats.PROMPT_FORMATS[fmt]
 
         def run(row: dict, _row_number: int) -> dict[str, Any]:
             dropped.update(formats.RESERVED_COLUMNS.intersection(row))
-            return convert(row)
+            return {"row": formats.with_system_prompt(to_row(row), system_prompt)}
 
         return run
 
-    rows = sources.read_rows(source, where)
-    kept, report = _normalise(rows, source, where, converter_for, formats.PROMPT_FORMATS,
-                              lambda row: formats.with_system_prompt(row, system_prompt), _settle_column_kinds)
+    raw = convert.first_rows(sources.open_source(source, where), source.max_rows)
+    fmt = convert.detect_format(raw, source, where, formats.PROMPT_FORMATS)
+    convert_batch = convert.batch_converter(raw, source, converter_for(fmt), ("row",))
+    report = SourceReport(where=where, path=source.path, format=fmt)
+    kept: list[tuple[int, dict[str, Any]]] = []
+    for start in range(0, len(raw.dataset), convert.BATCH_SIZE):
+        batch = raw.dataset[start:start + convert.BATCH_SIZE]
+        out = convert_batch(batch, list(range(start, start + len(next(iter(batch.values()))))))
+        for row_number, reason, row in zip(out[convert.ROW], out[convert.REASON], out["row"]):
+            report.rows_read += 1
+            if reason is None:
+                kept.append((row_number, row))
+            else:
+                report.add(reason, row_number)
+    settled = _settle_column_kinds([row for _, row in kept])
+    for (row_number, _), outcome in zip(kept, settled):
+        if isinstance(outcome, formats.RowError):
+            report.add(str(outcome), row_number)
+    rows = [outcome for outcome in settled if not isinstance(outcome, formats.RowError)]
+    report.rows_kept = len(rows)
     if dropped:
         logger.warning("%s (%s): dropped the column(s) %s: TRL passes reward functions arguments of these names "
                        "itself; rename a column (columns: {old: new}) to keep it", where, source.path,
                        ", ".join(sorted(dropped)))
-    return kept, report
+    if report.skipped:
+        logger.warning(report.summary())
+    if not rows:
+        detail = f": {report.summary()}" if report.rows_read else " (it is empty)"
+        raise DataError(f"{where}: no usable rows in '{source.path}'{detail}")
+    return rows, report
 
 
 def _settle_column_kinds(rows: list[dict[str, Any]]) -> list[dict[str, Any] | formats.RowError]:
@@ -338,20 +344,26 @@ def load_prompt_data(settings: DataSettings) -> PreparedData:
     with None in their rows (with a warning, since reward functions then see None there); a column that
     holds different kinds of value in different sources is a :class:`DataError`.
     """
-    loaded: dict[str, tuple[list, SourceReport]] = {}  # where -> rows and report; _mix takes them from here
+    import pyarrow as pa
+    from datasets import Dataset
+
+    loaded: dict[str, tuple[list, SourceReport]] = {}  # where -> rows and report
     for group in ("train", "eval"):
         for index, source in enumerate(getattr(settings, group) or []):
             where = f"data.{group}[{index}]"
             loaded[where] = load_prompt_source(source, where, settings.system_prompt)
-    columns = _prompt_columns(loaded)
-    to_row = lambda row: {"prompt": row["prompt"], **{column: row.get(column) for column in columns}}  # noqa: E731
-    import pyarrow as pa
-
-    try:
-        return _mix(settings, lambda source, where: loaded[where], to_row)
+    names = _prompt_columns(loaded)
+    try:  # all sources in one dataset, so that every column gets one Arrow type; then one slice per source
+        everything = Dataset.from_list([{"prompt": row["prompt"], **{column: row.get(column) for column in names}}
+                                        for rows, _ in loaded.values() for row in rows])
     except pa.ArrowException as err:  # kinds agree, but their insides do not (lists of text and of numbers)
-        raise DataError(f"the prompt data cannot be stored as one dataset: {_unstorable(loaded, columns, err)}"
+        raise DataError(f"the prompt data cannot be stored as one dataset: {_unstorable(loaded, names, err)}"
                         ) from None
+    as_datasets, start = {}, 0
+    for where, (rows, report) in loaded.items():
+        as_datasets[where] = (everything.select(range(start, start + len(rows))), report)
+        start += len(rows)
+    return _prepare(settings, lambda source, where: as_datasets[where])
 
 
 def _prompt_columns(loaded: dict[str, tuple[list, SourceReport]]) -> list[str]:
@@ -392,6 +404,14 @@ def _unstorable(loaded: dict[str, tuple[list, SourceReport]], columns: list[str]
         except pa.ArrowException as err:
             return f"column '{column}' holds values Arrow cannot store together ({err}); make them alike"
     return str(error)
+
+
+def countable(settings: DataSettings) -> bool:
+    """Whether every source can be read here without a download (local files and demo sets), so that
+    ``alignkit plan`` and ``alignkit validate`` prepare the data and count its rows (a stream is not counted)."""
+    every = [*settings.train, *(settings.eval or [])]
+    return (bool(settings.train) and not settings.streaming
+            and all(sources.is_local(s.path) or sources.is_demo(s.path) for s in every))
 
 
 def check_sources(settings: DataSettings) -> None:

@@ -5,6 +5,10 @@ Accepted for SFT:
   ``prompt_completion``  ``{"prompt": str | messages, "completion": str | messages}``
   ``alpaca``             ``{"instruction": str, "input": str (optional), "output": str}``
   ``sharegpt``           ``{"conversations": [{"from": "human" | "gpt" | "system", "value": ...}, ...]}``
+  ``text``               ``{"text": str}``: raw text for continued pretraining (loss on every token)
+A message's ``content`` is a string or a list of typed parts (``[{"type": "text", "text": ...}]``, joined); an
+assistant turn may carry ``tool_calls`` (OpenAI's form; arguments kept as JSON text) and a ``tool`` turn a
+``tool_call_id`` / ``name``; a row's ``tools`` (function schemas) reach the chat template through TRL.
 Accepted for preference stages (rm, dpo, orpo need pairs; kto takes pairs or unpaired rows):
   ``preference``           ``{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}``
   ``implicit_preference``  ``{"chosen": messages, "rejected": messages}``: full conversations; the shared
@@ -34,6 +38,7 @@ counts and reports those rows instead of failing on the first one.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Callable, Iterable
@@ -61,7 +66,43 @@ def _text(row: dict, key: str, *, required: bool = True) -> str:
     return value
 
 
-def _check_messages(messages: Any, key: str) -> list[dict[str, str]]:
+def _content(content: Any, key: str) -> str:
+    """A message's content as text: a string, or a list of typed parts (OpenAI's form) whose text parts are
+    joined; a part of another type (an image, audio) is a bad row, since the model reads text only."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise RowError(f"'{key}' has a message whose 'content' is not a string")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            raise RowError(f"'{key}' has a message with a content part of type {kind!r} (only text parts are read)")
+        if not isinstance(part.get("text"), str):
+            raise RowError(f"'{key}' has a text part without a string 'text'")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _tool_calls(calls: Any, key: str) -> list[dict[str, Any]]:
+    """An assistant turn's tool calls in OpenAI's form, each function's arguments as JSON text (one Arrow
+    column cannot hold every function's own argument names). A flat ``{"name", "arguments"}`` call is accepted."""
+    if not isinstance(calls, list) or not calls:
+        raise RowError(f"'{key}' has a message whose 'tool_calls' is not a non-empty list")
+    normalised = []
+    for call in calls:
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RowError(f"'{key}' has a tool call without a function name")
+        arguments = function.get("arguments", {})
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        normalised.append({"id": call.get("id"), "type": call.get("type", "function"),
+                           "function": {"name": function["name"], "arguments": arguments}})
+    return normalised
+
+
+def _check_messages(messages: Any, key: str) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
         raise RowError(f"'{key}' is not a non-empty list of messages")
     checked = []
@@ -71,14 +112,24 @@ def _check_messages(messages: Any, key: str) -> list[dict[str, str]]:
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise RowError(f"'{key}' has a message with role {role!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(content, str):
-            raise RowError(f"'{key}' has a message whose 'content' is not a string")
-        checked.append({"role": role, "content": content})
+        calls = message.get("tool_calls")
+        if calls is not None and role != "assistant":
+            raise RowError(f"'{key}' has tool calls in a {role} message (only the assistant calls tools)")
+        if calls is not None and content is None:  # a turn that only calls tools has no text
+            content = ""
+        checked_message: dict[str, Any] = {"role": role, "content": _content(content, key)}
+        if calls is not None:
+            checked_message["tool_calls"] = _tool_calls(calls, key)
+        if role == "tool":
+            for field in ("tool_call_id", "name"):
+                if isinstance(message.get(field), str):
+                    checked_message[field] = message[field]
+        checked.append(checked_message)
     return checked
 
 
-def _require_assistant_turn(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+def _require_assistant_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if not any(m["role"] == "assistant" and (m["content"].strip() or m.get("tool_calls")) for m in messages):
         raise RowError("no non-empty assistant message to learn from")
     return messages
 
@@ -121,12 +172,44 @@ def from_sharegpt(row: dict) -> list[dict[str, str]]:
     return _require_assistant_turn(messages)
 
 
-SFT_FORMATS: dict[str, Callable[[dict], list[dict[str, str]]]] = {
+def from_text(row: dict) -> str:
+    """``{"text": str}``: raw text for continued pretraining (TRL's language-modelling type); the loss is on
+    every token."""
+    return _text(row, "text")
+
+
+SFT_FORMATS: dict[str, Callable[[dict], Any]] = {
     "messages": from_messages,
     "prompt_completion": from_prompt_completion,
     "alpaca": from_alpaca,
     "sharegpt": from_sharegpt,
+    "text": from_text,
 }
+
+
+def _tools(value: Any) -> str:
+    """The functions a conversation may call (a ``tools`` column: a list of JSON schemas, or that list as JSON
+    text) as JSON text, which TRL decodes before it renders the chat template."""
+    tools = value
+    if isinstance(value, str):
+        try:
+            tools = json.loads(value)
+        except ValueError:
+            raise RowError("'tools' is text but not JSON") from None
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise RowError("'tools' is not a list of function descriptions")
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def sft_row(fmt: str, row: dict, system_prompt: str | None = None) -> dict[str, Any]:
+    """An SFT row in TRL's form: ``{"text"}`` for raw text, else ``{"messages"}`` with ``system_prompt`` added
+    (unless the conversation has one) and the row's ``tools``, if it has them."""
+    if fmt == "text":
+        return {"text": from_text(row)}
+    converted: dict[str, Any] = {"messages": add_system_prompt(SFT_FORMATS[fmt](row), system_prompt)}
+    if row.get("tools") is not None:
+        converted["tools"] = _tools(row["tools"])
+    return converted
 
 # Columns that identify each format, most specific first. SFT, preference and prompt formats are detected
 # separately (see ``candidates`` below): a preference file often has a `messages` column too, and an SFT
@@ -141,6 +224,7 @@ _SIGNATURES: tuple[tuple[str, frozenset[str]], ...] = (
     ("unpaired", frozenset({"prompt", "completion", "label"})),
     ("prompt_completion", frozenset({"prompt", "completion"})),
     ("prompt_only", frozenset({"prompt"})),
+    ("text", frozenset({"text"})),  # last: a conversation's file may have a text column beside it
 )
 
 

@@ -117,7 +117,7 @@ def model_card(run_dir: Path, base: str, recipe: dict[str, Any], dequantized: bo
              + "".join(f", {key} {adapter[key]}" for key in ("r", "lora_alpha", "target_modules") if key in adapter),
              f"- weights: {dtype}",
              f"- training data: {', '.join(map(str, sources)) or 'not recorded'}"
-             + (f" ({data['train_rows']:,} rows)" if "train_rows" in data else "")]
+             + (f" ({data['train_rows']:,} rows)" if data.get("train_rows") is not None else "")]
     if metrics:
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"

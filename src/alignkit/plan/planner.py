@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignkit.data import sources
+from alignkit.data import countable, prepare
 from alignkit.errors import AlignkitError
 from alignkit.models import adapters, modeling
 from alignkit.plan import activations, memory
@@ -366,22 +366,21 @@ def _estimate_or_none(recipe: Recipe, launch: memory.Launch):
 
 def data_summary(recipe: Recipe, shape: memory.Shape, launch: memory.Launch) -> dict[str, Any] | None:
     """Training rows and optimizer steps when every training source is local (a file or demo data)."""
-    if not recipe.data.train or not all(sources.is_local(s.path) or sources.is_demo(s.path)
-                                        for s in recipe.data.train):
+    if not countable(recipe.data):
         return None
     loader = get_stage(recipe.stage).load_data
     if loader is None:
         return None
-    prepared = loader(recipe.data)
+    prepared = prepare(recipe.data, loader)  # the data the run will train on, prepared once for both
     too_long = rows_too_long(recipe, prepared.train)
     rows = len(prepared.train) - (too_long or 0)
     global_batch = shape.batch * shape.gradient_accumulation * launch.devices
     max_steps = recipe.train.get("max_steps", -1) or -1
     epochs = float(recipe.train.get("num_train_epochs", 1 if max_steps > 0 else 3))
     steps = max_steps if max_steps > 0 else math.ceil(rows / global_batch * epochs)
-    skipped = sum(len(report.skipped) if hasattr(report, "skipped") else 0 for report in prepared.reports)
+    skipped = sum(sum(report.skipped.values()) for report in prepared.reports)
     return {"train_rows": rows, "eval_rows": len(prepared.eval or []), "global_batch": global_batch,
-            "steps": steps, "skipped_rows": skipped, "too_long_rows": too_long}
+            "steps": steps, "skipped_rows": skipped, "too_long_rows": too_long, "cache_key": prepared.cache_key}
 
 
 def rows_too_long(recipe: Recipe, rows) -> int | None:

@@ -49,7 +49,8 @@ def report(result: planner.Plan, budget: int | None, fix) -> str:
     if result.data is not None:
         data = result.data
         lines.append(f"data         {data['train_rows']:,} training rows, {data['eval_rows']:,} held out; "
-                     f"{data['steps']:,} optimizer steps of {data['global_batch']} rows")
+                     f"{data['steps']:,} optimizer steps of {data['global_batch']} rows"
+                     + (f" (prepared data {data['cache_key']})" if data.get("cache_key") else ""))
     else:
         lines.append("data         not counted (not local)")
     lines += ["", f"memory per device ({launch.device_type}, {launch.devices} x {launch.strategy.upper()})"]

@@ -204,6 +204,7 @@ def _validate(raw: Mapping[str, Any], source: Path | None) -> Recipe:
         source=source,
     )
     _check_model_and_adapter(recipe)
+    _check_streaming(recipe)
     adapters.check_adapter(recipe.adapter, tokenizer_path=recipe.model.tokenizer or recipe.model.name_or_path)
     check_output_dir(recipe.train["output_dir"])
     check_values(recipe.to_dict(), stage)
@@ -211,6 +212,21 @@ def _validate(raw: Mapping[str, Any], source: Path | None) -> Recipe:
         check_values(values, stage, shown=where, matched="train")
         build_config(config_class, values, where)
     return recipe
+
+
+def _check_streaming(recipe: Recipe) -> None:
+    """A streamed dataset has no length: the run needs a number of steps, and a held-out part, a row count."""
+    if not recipe.data.streaming:
+        return
+    if recipe.stage != "sft":
+        raise RecipeError(f"data.streaming is for the sft stage (large chat or raw-text corpora); the {recipe.stage} "
+                          "stage prepares its data in memory: remove data.streaming")
+    if (recipe.train.get("max_steps") or -1) <= 0:
+        raise RecipeError("data.streaming reads the data as the run goes, so its length is unknown: set "
+                          "train.max_steps")
+    if 0 < recipe.data.eval_size < 1:
+        raise RecipeError(f"data.eval_size={recipe.data.eval_size} is a fraction of a streamed dataset whose length "
+                          "is unknown: give a row count (e.g. data.eval_size=200) or data.eval sources")
 
 
 def _check_model_and_adapter(recipe: Recipe) -> None:

@@ -156,7 +156,8 @@ def _summary(recipe: dict[str, Any], metrics: dict[str, Any], run_path: Path) ->
     data_file = run_path / "data.json"
     if data_file.is_file():
         data = json.loads(data_file.read_text())
-        lines.append(f"- data: {data['train_rows']} training rows, {data['eval_rows']} held-out rows")
+        trained = data["train_rows"] if data["train_rows"] is not None else "streamed"
+        lines.append(f"- data: {trained} training rows, {data['eval_rows']} held-out rows")
     steps = metrics.get("train/global_step", metrics.get("ppo/updates"))
     if steps is not None:
         lines.append(f"- steps: {steps}")

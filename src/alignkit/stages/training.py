@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit import distributed
-from alignkit.data import PreparedData
+from alignkit.data import PreparedData, prepare, streaming
 from alignkit.errors import DataError, RecipeError
 from alignkit.models import adapters, modeling
 from alignkit.recipe.loading import QUANTISED_FULL_FINE_TUNE, Recipe
@@ -146,12 +146,13 @@ def fit(recipe: Recipe, run: RunDir, *, config_class: type, trainer_class: type,
     from transformers import set_seed
 
     args = training_args(recipe, config_class, run.path)
-    data = load_data(recipe.data)
+    data = prepare(recipe.data, load_data)
     record_data(run, data)
     # The trainer seeds only once it is built, after the model: without this, what the model creates at random
     # when it loads (a reward model's new head) would depend on whatever drew random numbers before.
     set_seed(args.seed)
     model, tokenizer, peft_config = load_model_and_tokenizer(recipe, args, head)
+    warn_unrendered_tools(tokenizer, data)
     trainer = build_trainer(trainer_class, model=model, args=args, train_dataset=data.train,
                             eval_dataset=data.eval if trainer_eval else None, processing_class=tokenizer,
                             peft_config=peft_config, **trainer_kwargs)
@@ -162,6 +163,9 @@ def fit(recipe: Recipe, run: RunDir, *, config_class: type, trainer_class: type,
     if before_train is not None:
         metrics |= before_train(trainer, tokenizer, data)
     metrics |= train(trainer, run, eval_names or {})
+    if recipe.data.streaming:  # the sources' reports now count the rows the run read
+        streaming.log_final_reports(data)
+        record_data(run, data)
     return Fitted(trainer=trainer, tokenizer=tokenizer, data=data, metrics=metrics)
 
 
@@ -197,10 +201,26 @@ def check_rows_kept(trainer, data: PreparedData, trainer_eval: bool = True) -> N
         logger.warning("%s; using the other %d", what, len(after))
 
 
+def warn_unrendered_tools(tokenizer, data: PreparedData) -> None:
+    """Tool calls, tool turns and tool lists reach the chat template through TRL; a template that does not
+    read them drops them silently, so say so."""
+    features = getattr(data.train, "features", None)
+    if features is None or "tool_calls" not in str(features):
+        return
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if "tool_calls" not in template:
+        logger.warning("the data has tool calls or tool turns, but the chat template does not render tool_calls: "
+                       "the model will not see them; use a model (or train.chat_template_path) whose template "
+                       "supports tools")
+
+
 def record_data(run: RunDir, data: PreparedData) -> None:
-    """Write ``data.json``: rows used for training and evaluation, and each source's report (skipped rows)."""
-    run.write_json("data.json", {"train_rows": len(data.train), "eval_rows": len(data.eval or []),
-                                 "sources": [r.to_dict() for r in data.reports]})
+    """Write ``data.json``: rows used for training and evaluation, the prepared-data cache key, and each source's
+    report (skipped rows)."""
+    streamed = not hasattr(data.train, "__len__")  # counted as read: see the sources' reports
+    run.write_json("data.json", {"train_rows": None if streamed else len(data.train),
+                                 "eval_rows": len(data.eval or []), "streaming": streamed,
+                                 "cache_key": data.cache_key, "sources": [r.to_dict() for r in data.reports]})
 
 
 def match_new_head_to_hidden_states(model) -> None:

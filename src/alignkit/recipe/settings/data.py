@@ -13,8 +13,8 @@ class DataSource:
     SHORTHAND_FIELD = "path"  # `- demo:reverse/sft` is short for `- {path: demo:reverse/sft}`
 
     path: str = field(
-        metadata={"help": "Local .jsonl/.json/.parquet/.csv file or directory, hub dataset id, or demo:<task>/<kind>. "
-                  "Relative paths are relative to the working directory."}
+        metadata={"help": "Local .jsonl/.json/.parquet/.csv/.arrow file or directory, hub dataset id, or "
+                  "demo:<task>/<kind>. Relative paths are relative to the working directory."}
     )
     split: str = field(default="train", metadata={"help": "Split to read (demo sets have train and test)."})
     name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
@@ -22,7 +22,8 @@ class DataSource:
     format: str = field(
         default="auto",
         metadata={"help": "Row format: auto (detect from columns); for SFT messages, prompt_completion, alpaca, "
-                  "sharegpt; for preference stages preference, implicit_preference, rated, unpaired; for RL stages "
+                  "sharegpt, text (raw text, loss on every token); for preference stages preference, "
+                  "implicit_preference, rated, unpaired; for RL stages "
                   "(ppo, grpo, rloo) prompt_only, prompt_completion, messages (the last assistant turn or the "
                   "completion becomes a reference column; other columns reach the reward functions)."},
     )
@@ -75,7 +76,28 @@ class DataSettings:
                   "every run (best_vs_random), or the lowest rated (best_vs_worst)."},
     )
 
+    num_proc: int | None = field(
+        default=None,
+        metadata={"help": "Processes converting a source's rows (a batched datasets map). Default: 1 for a source of "
+                  "under 50,000 rows, else one per CPU core up to 8."},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "sft only: read the sources as the run goes (datasets' IterableDataset), for corpora "
+                  "larger than memory; needs train.max_steps, mixes sources with probabilities in proportion to "
+                  "their weights, holds out eval_size rows (a count) from the start of the mixture, and reports "
+                  "bad rows as it goes and at the end. Not cached."},
+    )
+    cache: bool = field(
+        default=True,
+        metadata={"help": "Save the prepared data under alignkit's cache (~/.cache/alignkit/data, or "
+                  "$ALIGNKIT_CACHE/data), keyed by the sources' content and these settings, and reuse it on the "
+                  "next run, in the other processes of a launch, and in alignkit plan / validate."},
+    )
+
     def __post_init__(self) -> None:
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ValueError(f"num_proc must be >= 1, got {self.num_proc}")
         if self.eval_size < 0:
             raise ValueError(f"eval_size must be >= 0, got {self.eval_size}")
         if self.eval and self.eval_size > 0:

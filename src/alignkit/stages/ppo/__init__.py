@@ -17,7 +17,7 @@ GAE, KL estimators, rewards, clipped losses), ``sampling`` (batch-independent pe
 
 from __future__ import annotations
 
-from alignkit.data import load_prompt_data
+from alignkit.data import load_prompt_data, prepare
 from alignkit.feedback.rewards import load_reward_functions, weighted_reward
 from alignkit.recipe.loading import Recipe
 from alignkit.recipe.settings import RewardSettings
@@ -41,7 +41,7 @@ def build_trainer(recipe: Recipe, run_dir: RunDir) -> PPOTrainer:
 
     args = training.training_args(recipe, PPOConfig, run_dir.path)
     run_dir.resume_from = checkpoint_to_resume(args, run_dir)  # the option wins over the run dir's own choice
-    data = load_prompt_data(recipe.data)
+    data = prepare(recipe.data, load_prompt_data)
     training.record_data(run_dir, data)
     settings: RewardSettings = recipe.sections["reward"]
     functions = load_reward_functions(settings)

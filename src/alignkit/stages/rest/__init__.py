@@ -31,7 +31,7 @@ from typing import Any
 
 from trl import SFTConfig, SFTTrainer
 
-from alignkit.data import load_prompt_data, load_sft_data
+from alignkit.data import load_prompt_data, load_sft_data, prepare
 from alignkit.errors import RecipeError
 from alignkit.feedback import LazyJudge, round_robin_scores
 from alignkit.feedback.rewards import monitoring_reward
@@ -69,7 +69,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         raise RecipeError("rest needs something to score samples with: a reward section (reward models, rule "
                           "functions) or rest.judge")
     score = reward if settings.judge is None else _judge_scorer(settings)
-    data = load_prompt_data(recipe.data)
+    data = prepare(recipe.data, load_prompt_data)
     training.record_data(run_dir, data)
     held_out_reward = partial(held_out_mean_reward, rows=held_out_prompts(data.eval, recipe), reward=reward,
                               recipe=recipe, max_new_tokens=settings.generation.max_new_tokens)

@@ -47,7 +47,7 @@ from transformers import TrainingArguments
 from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
 from alignkit import distributed
-from alignkit.data import load_preference_data, load_prompt_data, load_sft_data
+from alignkit.data import load_preference_data, load_prompt_data, load_sft_data, prepare
 from alignkit.errors import RecipeError
 from alignkit.feedback import LazyJudge
 from alignkit.feedback.revision import Revision, RevisionSettings, critique_and_revise
@@ -98,7 +98,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     monitor = monitoring_reward(recipe.sections.get("reward"))
     if settings.objective == "rm":
         check_starts_new_head(recipe, "rlaif objective rm")
-    data = load_prompt_data(recipe.data)
+    data = prepare(recipe.data, load_prompt_data)
     training.record_data(run_dir, data)
     # A reward model has no answers of its own to monitor.
     held_out = held_out_prompts(data.eval, recipe) if monitor is not None and settings.objective == "dpo" else None
