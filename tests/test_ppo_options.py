@@ -17,7 +17,7 @@ from conftest import REPO, kill_when_written, run_cli
 from signal_rewards import ANSWER_LENGTH_REWARD
 from test_ppo import DEMO_PPO, FROM_BASE, QUICK
 
-from alignkit.errors import RecipeError
+from alignkit.errors import RecipeError, RunDirError
 from alignkit.recipe.loading import load_recipe
 from alignkit.runs.rundir import RunDir, last_checkpoint
 from alignkit.stages.ppo.config import PPOConfig, unhonoured_options
@@ -286,6 +286,86 @@ def test_resume_from_checkpoint_names_what_is_missing(tmp_path):
     # Unset: the run dir's own choice (an unfinished run's last checkpoint) stands.
     chosen = RunDir(path=empty, resume_from=tmp_path / "checkpoint-4")
     assert checkpoint_to_resume(PPOConfig(output_dir=str(empty)), chosen) == tmp_path / "checkpoint-4"
+
+
+def _rewrite_as_before_critic_groups(trainer, checkpoint: Path) -> list[list[torch.nn.Parameter]]:
+    """Rewrite ``checkpoint``'s optimizer.pt and trainer_state.json as PPO wrote them before critic_learning_rate
+    (bb4ce4d's trainer): one optimizer from transformers' factory over every trained parameter in the Trainer's
+    groups (with weight decay, then without), one schedule stepped as often as ``trainer``'s; each parameter's
+    state is ``trainer``'s. Returns those groups."""
+    from transformers import Trainer, get_scheduler
+
+    args = trainer.args
+    decay: set[int] = set()
+    for module in trainer._trained_modules():
+        names = set(Trainer.get_decay_parameter_names(None, module))
+        decay |= {id(parameter) for name, parameter in module.named_parameters() if name in names}
+    groups = [{"params": [p for p in trainer.parameters if id(p) in decay], "weight_decay": args.weight_decay},
+              {"params": [p for p in trainer.parameters if id(p) not in decay], "weight_decay": 0.0}]
+    optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    optimizer = optimizer_class([group for group in groups if group["params"]], **kwargs)
+    total = trainer.updates * args.num_ppo_epochs * args.num_mini_batches
+    schedule = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(total),
+                             num_training_steps=total)
+    for _step in range(trainer.scheduler.last_epoch):
+        optimizer.step()  # no gradients: moves nothing, only keeps the schedule's order of calls
+        schedule.step()
+    for parameter in trainer.parameters:
+        optimizer.state[parameter] = trainer.optimizer.state[parameter]
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
+                "scaler": trainer.scaler.state_dict()}, checkpoint / "optimizer.pt")
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    del state["reward_statistics"]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    return [group["params"] for group in optimizer.param_groups]
+
+
+def test_a_checkpoint_saved_before_the_critic_had_optimizer_groups_of_its_own_resumes(tmp_path):
+    """A user upgrading mid-run resumes the older checkpoint: every parameter gets its own optimizer state back,
+    the schedule its step, and the critic the critic_learning_rate the resumed recipe now asks for."""
+    # A full fine-tune: the policy has norms (no weight decay), so the old groups (decay: policy's then critic's;
+    # no decay: policy's then critic's) hold the parameters in another order than the new ones (by role first).
+    options = (*QUICK, "adapter={method: none}", "train.weight_decay=0.1", "train.learning_rate=1e-4",
+               "train.lr_scheduler_type=linear", "train.max_steps=3")
+    trainer = _trainer(tmp_path / "run", *options)
+    trainer.optimise(trainer.rollout(trainer._prompts_for(1), seed=1))
+    trainer._save_checkpoint(1)
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    old_groups = _rewrite_as_before_critic_groups(trainer, checkpoint)
+    new_order = [id(p) for group in trainer.optimizer.param_groups for p in group["params"]]
+    assert len(old_groups) == 2 and [id(p) for group in old_groups for p in group] != new_order
+
+    resumed = _trainer(tmp_path / "run", *options, "train.critic_learning_rate=3e-4")
+    resumed.run.resume_from = checkpoint
+    assert resumed._resume() == 1
+    original = dict(zip(trainer.models.trainable, trainer.parameters))
+    for name, parameter in resumed.models.trainable.items():
+        mine, theirs = resumed.optimizer.state[parameter], trainer.optimizer.state[original[name]]
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[key], theirs[key]) for key in mine), name
+    steps = trainer.scheduler.last_epoch
+    assert steps == 4 and resumed.scheduler.last_epoch == steps
+    factor = trainer.optimizer.param_groups[0]["lr"] / 1e-4  # the linear schedule's, after 4 of 12 steps
+    assert factor == pytest.approx(8 / 12)
+    by_role = {(group["role"], group["weight_decay"]): (group["lr"], group["initial_lr"])
+               for group in resumed.optimizer.param_groups}
+    expected = {("policy", 0.1): (1e-4 * factor, 1e-4), ("policy", 0.0): (1e-4 * factor, 1e-4),
+                ("critic", 0.1): (3e-4 * factor, 3e-4), ("critic", 0.0): (3e-4 * factor, 3e-4)}
+    assert by_role.keys() == expected.keys() and all(by_role[key] == pytest.approx(expected[key]) for key in expected)
+    assert resumed.scheduler.get_last_lr() == [group["lr"] for group in resumed.optimizer.param_groups]
+    # It trains on from there: the schedule and every parameter's step count go on from 4.
+    resumed.optimise(resumed.rollout(resumed._prompts_for(2), seed=2))
+    assert resumed.scheduler.last_epoch == 8
+    assert all(float(state["step"]) == 8 for state in resumed.optimizer.state.values())
+
+    # A checkpoint whose groups do not hold this run's parameters is refused, with what to do.
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    dropped = saved["optimizer"]["param_groups"][-1]["params"].pop()
+    saved["optimizer"]["state"].pop(dropped, None)
+    torch.save(saved, checkpoint / "optimizer.pt")
+    sizes = [len(group) for group in old_groups]
+    with pytest.raises(RunDirError, match=rf"groups of \[{sizes[0]}, {sizes[1] - 1}\], but this run trains "
+                                          rf"{sum(sizes)} in groups of \[{sizes[0]}, {sizes[1]}\]\. Resume it with"):
+        resumed._resume()
 
 
 # ---- options for large runs (issue 20) ------------------------------------------------------------------------

@@ -54,6 +54,12 @@ from alignkit.runs.rundir import RunDir, checkpoint_dirs, last_checkpoint
 from alignkit.stages.ppo import core
 from alignkit.stages.ppo.config import PPOConfig
 from alignkit.stages.ppo.models import POLICY, ActorCritic
+from alignkit.stages.ppo.optimizer_layout import (
+    has_role_groups,
+    regroup_optimizer_state,
+    regroup_scheduler_state,
+    set_scheduled_learning_rates,
+)
 from alignkit.stages.ppo.sampling import AnswerStops, RowGumbelSampler, StopStringCriteria, row_seeds
 from alignkit.stages.ppo.scores import RewardSources, Scorer
 
@@ -467,11 +473,7 @@ class PPOTrainer:
         from transformers import Trainer
 
         optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args)
-        decay: set[int] = set()
-        for module in self._trained_modules():
-            # get_decay_parameter_names reads nothing of the Trainer instance, only the module.
-            names = set(Trainer.get_decay_parameter_names(None, module))
-            decay |= {id(parameter) for name, parameter in module.named_parameters() if name in names}
+        decay = self._decayed_parameter_ids()
         critic_learning_rate = self.args.critic_learning_rate or self.args.learning_rate
         groups = []
         for role, learning_rate in (("policy", self.args.learning_rate), ("critic", critic_learning_rate)):
@@ -490,6 +492,40 @@ class PPOTrainer:
                 for embedding in (m for m in module.modules() if isinstance(m, torch.nn.Embedding)):
                     manager.register_module_override(embedding, "weight", {"optim_bits": 32})
         return optimizer
+
+    def _decayed_parameter_ids(self) -> set[int]:
+        """The ids of the trained parameters with weight decay: the Trainer's choice (not biases and norms)."""
+        from transformers import Trainer
+
+        decay: set[int] = set()
+        for module in self._trained_modules():
+            # get_decay_parameter_names reads nothing of the Trainer instance, only the module.
+            names = set(Trainer.get_decay_parameter_names(None, module))
+            decay |= {id(parameter) for name, parameter in module.named_parameters() if name in names}
+        return decay
+
+    def _groups_before_roles(self) -> list[list[torch.nn.Parameter]]:
+        """The parameter groups of PPO's optimizer before critic_learning_rate (the policy's and the critic's
+        together), which checkpoints of that time were saved with: with weight decay, then without."""
+        decay = self._decayed_parameter_ids()
+        groups = [[p for p in self.parameters if id(p) in decay], [p for p in self.parameters if id(p) not in decay]]
+        return [group for group in groups if group]
+
+    def _load_optimizer_state(self, saved: dict[str, Any], checkpoint: Path) -> None:
+        """The optimizer's and the schedule's state from a checkpoint, also one written before the policy and the
+        critic had optimizer groups of their own (regrouped parameter by parameter: see optimizer_layout)."""
+        if has_role_groups(saved["optimizer"]):
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            return
+        optimizer_state, sources = regroup_optimizer_state(saved["optimizer"], self._groups_before_roles(),
+                                                           self.optimizer, checkpoint)
+        scheduler_state = regroup_scheduler_state(saved["scheduler"], sources, self.scheduler, checkpoint)
+        self.optimizer.load_state_dict(optimizer_state)
+        self.scheduler.load_state_dict(scheduler_state)
+        set_scheduled_learning_rates(self.scheduler)
+        logger.info("ppo: %s was saved before the policy and the critic had optimizer groups of their own; its "
+                    "optimizer state was regrouped parameter by parameter", checkpoint.name)
 
     def _policy_groups(self) -> list[dict]:
         return [group for group in self.optimizer.param_groups if group["role"] == "policy"]
@@ -623,8 +659,7 @@ class PPOTrainer:
         assert path is not None
         self.models.load_trainable_state(load_file(str(path / WEIGHTS_FILE)))
         saved = torch.load(path / OPTIMIZER_FILE, map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
+        self._load_optimizer_state(saved, path)
         if saved.get("scaler"):  # checkpoints of fp16 runs
             self.scaler.load_state_dict(saved["scaler"])
         state = json.loads((path / STATE_FILE).read_text())
