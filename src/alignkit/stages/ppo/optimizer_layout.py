@@ -51,9 +51,8 @@ def regroup_optimizer_state(saved: dict[str, Any], old_groups: Sequence[Sequence
     next_id = 0  # torch numbers the parameters of a state dict in the order of its groups
     for group in optimizer.param_groups:
         old_indices = {was[id(parameter)][0] for parameter in group["params"]}
-        if len(old_indices) != 1:  # the groups split by role within weight decay or not: never across them
-            raise RunDirError(f"cannot resume from {checkpoint}: a {group['role']} optimizer group mixes "
-                              "parameters with and without weight decay; start a new run")
+        # The new groups split the old ones by role (weight decay or not, then policy or critic): never across.
+        assert len(old_indices) == 1, f"a {group['role']} optimizer group mixes old groups {old_indices}"
         source = old_indices.pop()
         new_ids = list(range(next_id, next_id + len(group["params"])))
         next_id += len(new_ids)
