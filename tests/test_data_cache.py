@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from functools import partial
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from conftest import REPO, run_cli, write_jsonl
 from test_multiprocess import CPU_CONFIG, accelerate_launch
 
-from alignkit.data import cache, load_preference_data, load_sft_data, prepare
+from alignkit.data import cache, file_hash, load_preference_data, load_sft_data, prepare
 from alignkit.recipe.settings import DataSettings, DataSource
 
 
@@ -70,6 +71,60 @@ def test_an_edit_that_keeps_size_and_time_prepares_again(tmp_path: Path) -> None
     second = prepare(settings_for(path), load_sft_data)
     assert second.cache_key != first.cache_key and not second.from_cache
     assert {row["messages"][1]["content"] for row in second.train} <= {f"C{i}" for i in range(10)}
+
+
+def counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files :mod:`alignkit.data.file_hash` reads in full, in order (the real hash still computed)."""
+    reads: list[Path] = []
+    real = file_hash.sha256_of_file
+
+    def counted(path: Path) -> str:
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(file_hash, "sha256_of_file", counted)
+    return reads
+
+
+def test_an_unchanged_file_is_not_hashed_again_but_an_edit_keeping_size_and_time_is(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = counting_reads(monkeypatch)
+    monkeypatch.setattr(file_hash, "RACY_MARGIN_NS", 20_000_000)  # 20 ms, to keep the test short
+    path = tmp_path / "rows.jsonl"
+    path.write_text("abcdef\n")
+    time.sleep(0.1)  # older than the margin when hashed: remembered
+    first = file_hash.file_sha256(path)
+    assert file_hash.file_sha256(path) == first and reads == [path.resolve()]  # not read the second time
+    time.sleep(0.1)
+    stat = path.stat()
+    path.write_text("ABCDEF\n")  # same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same modification time
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    edited = file_hash.file_sha256(path)
+    assert edited == file_hash.sha256_of_file(path) != first and len(reads) == 3  # the status change was seen
+
+
+def test_a_file_hashed_just_after_it_was_written_is_hashed_again(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Racily clean: a change within the same timestamp tick as the hashing could keep every status field, so
+    # a hash taken within RACY_MARGIN_NS of the file's last change is not trusted on the next call.
+    reads = counting_reads(monkeypatch)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("abcdef\n")
+    assert file_hash.file_sha256(path) == file_hash.file_sha256(path)
+    assert len(reads) == 2
+
+
+def test_a_cached_run_does_not_read_its_unchanged_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_jsonl(tmp_path / "rows.jsonl", unique_rows(10))
+    old = time.time_ns() - 2 * file_hash.RACY_MARGIN_NS
+    os.utime(path, ns=(old, old))  # the modification time is old; its status change is not (it cannot be set)
+    monkeypatch.setattr(file_hash, "RACY_MARGIN_NS", 0)  # the status change is then old enough
+    time.sleep(0.05)
+    first = prepare(settings_for(path), load_sft_data)
+    reads = counting_reads(monkeypatch)
+    second = prepare(settings_for(path), load_sft_data)
+    assert second.from_cache and second.cache_key == first.cache_key and reads == []
 
 
 def test_settings_that_change_the_rows_change_the_key(tmp_path: Path) -> None:
