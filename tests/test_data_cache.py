@@ -109,6 +109,22 @@ def test_saving_prepared_data_does_not_read_the_mapped_rows_into_the_process(tmp
     assert cache._read(tmp_path / "entry").train[:5] == shuffled[:5]
 
 
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_looking_for_tool_calls_does_not_read_the_mapped_lines_into_the_process(tmp_path: Path) -> None:
+    # The main process of a launch opens each JSON Lines source and searches it for tool calls before its
+    # workers convert it: through the mapping, that search alone made it resident (1M pairs: +166 MB at peak).
+    from alignkit.data import sources
+
+    long_text = "x" * 400
+    rows = [{"prompt": f"{i} {long_text}", "completion": "c"} for i in range(20_000)]
+    path = write_jsonl(tmp_path / "rows.jsonl", [*rows, {"messages": [{"role": "tool", "content": "42"}]}])
+    raw = sources.open_source(DataSource(path=str(path)), "data.train[0]")
+    mapped = Path(raw.dataset.cache_files[0]["filename"])
+    before = mapped_resident_bytes(mapped)
+    assert sources.mentions_tools(raw)  # found on the last line
+    assert mapped_resident_bytes(mapped) - before < mapped.stat().st_size / 20
+
+
 def test_an_edit_that_keeps_size_and_time_prepares_again(tmp_path: Path) -> None:
     rows = unique_rows(10)
     path = write_jsonl(tmp_path / "rows.jsonl", rows)

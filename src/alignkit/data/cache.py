@@ -20,11 +20,11 @@ import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from alignkit import distributed
-from alignkit.data import sources
+from alignkit.data import arrow_files, sources
 from alignkit.data.prepared import PreparedData, SourceReport
 from alignkit.demo.build import cache_dir
 from alignkit.recipe.settings import DataSettings
@@ -36,6 +36,9 @@ logger = logging.getLogger("alignkit.data")
 RECORD_ENV = "ALIGNKIT_RECORD_DATA_PREPARATION"
 DONE = "prepared.json"  # written last: a directory without it is an interrupted write, prepared again
 SPLITS = ("train", "eval")
+# Rows a saved record batch holds: few batches, because mapping a file reads each batch's header, and the
+# kernel reads 64 KB around each (a 1M-row file in datasets' 1,000-row batches: 70 MB resident at once).
+SAVED_BATCH_ROWS = 65_536
 _CODE = Path(__file__).parent
 
 
@@ -119,7 +122,7 @@ def _write(directory: Path, data: PreparedData) -> None:
         if stored not in rows_files:
             rows_files[stored] = f"rows-{len(rows_files)}.arrow"
             _save_rows(dataset, partial / rows_files[stored])
-        splits[split] = {"rows": rows_files[stored], "order": f"{split}-order.npy"}
+        splits[split] = {"rows": rows_files[stored], "order": f"{split}-order.arrow"}
         _save_order(dataset, partial / splits[split]["order"])
     reports = [{"where": report.where, **report.to_dict()} for report in data.reports]
     (partial / DONE).write_text(json.dumps({"splits": splits, "reports": reports}, indent=1) + "\n")
@@ -149,62 +152,46 @@ def _save_rows(dataset, path: Path) -> None:
     ``datasets.Dataset.from_file`` maps); the dataset's own order is saved apart (:func:`_save_order`).
 
     Not gathered into the dataset's order, nor written from the memory-mapped table: either touches every
-    page of the map's output files, and each page a process touches counts in its resident memory (1M
-    preference pairs prepared by 2 processes: the main process peaked 19% above a plain ``datasets`` script's,
-    which never reads the converted rows). :func:`_stored_pieces` reads those files with ordinary reads, a
-    record batch at a time, into memory freed as soon as the batch is written."""
+    page of the map's output files, and each page a process touches counts in its resident memory (under a
+    launch of several processes the main process never reads the converted rows otherwise). The rows are read
+    again from those files with :func:`alignkit.data.arrow_files.stored_pieces` and written in batches of
+    :data:`SAVED_BATCH_ROWS` rows."""
     import pyarrow as pa
 
     schema = dataset.features.arrow_schema  # the columns' types, with the features in its metadata
-    written = 0
+    written, pending = 0, []
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for piece in _stored_pieces(dataset.data):
-            writer.write_table(piece.replace_schema_metadata(schema.metadata))
-            written += piece.num_rows
-    if written != dataset.data.num_rows:  # a table kind _stored_pieces misjudged: never save wrong rows
+        for piece in arrow_files.stored_pieces(dataset.data):
+            pending.append(piece.replace_schema_metadata(schema.metadata))
+            if sum(table.num_rows for table in pending) >= SAVED_BATCH_ROWS:
+                writer.write_table(pa.concat_tables(pending).combine_chunks())
+                written, pending = written + sum(table.num_rows for table in pending), []
+        if pending:
+            writer.write_table(pa.concat_tables(pending).combine_chunks())
+            written += sum(table.num_rows for table in pending)
+    if written != dataset.data.num_rows:  # a table kind stored_pieces misjudged: never save wrong rows
         raise RuntimeError(f"data cache: wrote {written} rows of a table of {dataset.data.num_rows}")
-
-
-# Replays (the transforms datasets records on a memory-mapped table, to redo them on the file's table) that
-# act on each row alone, so they can be redone on each record batch; a slice or a filter cannot.
-_PER_ROW_REPLAYS = {"cast", "replace_schema_metadata", "rename_columns", "drop", "select", "remove_column",
-                    "flatten", "combine_chunks"}
-
-
-def _stored_pieces(table) -> Iterator:
-    """The rows of a ``datasets.table.Table``, in stored order, as ``pyarrow.Table`` pieces: each block memory-
-    mapped from a file (a map's output, a loaded file) re-read from it with ordinary reads (see
-    :func:`_save_rows`), each block in memory (or of a kind this does not know) as it is."""
-    import pyarrow as pa
-    from datasets.table import ConcatenationTable, MemoryMappedTable
-
-    blocks = table.blocks if isinstance(table, ConcatenationTable) else [[table]]
-    if any(len(columns) != 1 for columns in blocks):  # blocks side by side: not made by alignkit's preparation
-        yield from (pa.Table.from_batches([batch]) for batch in table.table.to_batches())
-        return
-    for (block,) in blocks:
-        if isinstance(block, MemoryMappedTable) and all(name in _PER_ROW_REPLAYS for name, _, _ in block.replays):
-            with pa.OSFile(block.path) as source:
-                for batch in pa.ipc.open_stream(source):
-                    yield MemoryMappedTable._apply_replays(pa.Table.from_batches([batch]), block.replays)
-        else:
-            yield from (pa.Table.from_batches([batch]) for batch in block.table.to_batches())
 
 
 def _save_order(dataset, path: Path) -> None:
     """The dataset's order: for each of its rows, the row of its stored table (its indices mapping: a shuffle,
-    a weighted selection, a split), as a NumPy array file."""
-    import numpy as np
+    a weighted selection, a split), as an Arrow stream file of one ``indices`` column, the form ``datasets``
+    keeps an indices mapping in (read back memory-mapped, not as a million Python integers, which
+    ``Dataset.select`` makes of an array: 70 MB for 1M rows)."""
+    import pyarrow as pa
 
     indices = dataset._indices  # no public accessor; None when the rows are stored in order
-    order = np.arange(len(dataset)) if indices is None else indices.column(0).to_numpy()
-    np.save(path, order.astype(np.int64), allow_pickle=False)  # int64: uint64 mixes with int64 as float
+    order = (pa.chunked_array([pa.array(range(len(dataset)), pa.uint64())]) if indices is None
+             else indices.column(0).cast(pa.uint64()))
+    table = pa.table({"indices": order}).combine_chunks()
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=1 << 20)
 
 
 def _read(directory: Path) -> PreparedData:
-    """The entry's splits, memory-mapped, each with the same fingerprint in every run and process (made from
-    the entry's key), which TRL's tokenisation map keys its own cache by; and its reports."""
-    import numpy as np
+    """The entry's splits, memory-mapped, each with the same fingerprint in every run and process (``datasets``
+    makes it from the files' paths, which hold the key, and modification times), which TRL's tokenisation map
+    keys its own cache by; and its reports."""
     from datasets import Dataset
 
     saved = json.loads((directory / DONE).read_text())
@@ -214,9 +201,8 @@ def _read(directory: Path) -> PreparedData:
                for entry in saved["reports"]]
     splits = {}
     for split, files in saved["splits"].items():
-        order = np.load(directory / files["order"], allow_pickle=False)
-        fingerprint = hashlib.blake2b(f"{directory.name}/{split}".encode(), digest_size=16).hexdigest()
-        splits[split] = Dataset.from_file(str(directory / files["rows"])).select(order, new_fingerprint=fingerprint)
+        splits[split] = Dataset.from_file(str(directory / files["rows"]),
+                                          indices_filename=str(directory / files["order"]))
     return PreparedData(train=splits.get("train"), eval=splits.get("eval"), reports=reports)
 
 

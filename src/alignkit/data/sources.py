@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignkit.data import file_hash
+from alignkit.data import arrow_files, file_hash
 from alignkit.demo.tasks import DEMO_DATASETS, DEMO_SPLITS
 from alignkit.errors import DataError
 from alignkit.recipe.settings import DataSource
@@ -87,8 +87,10 @@ def open_source(source: DataSource, where: str, streaming: bool = False) -> RawS
 def mentions_tools(raw: RawSource) -> bool:
     """Whether the source may hold tool calls, tool turns or tool lists, so that its messages need the columns
     for them (see :func:`alignkit.data.columns.message`): its schema names them, or (JSON lines) some line
-    mentions them, found by Arrow's substring search rather than by parsing. A false alarm only adds null
-    columns; streaming sources are judged by their first rows."""
+    mentions them, found by Arrow's substring search rather than by parsing, over the lines read from their
+    file rather than through its mapping (:func:`alignkit.data.arrow_files.stored_pieces`: under a launch of
+    several processes the main one never reads the rows otherwise). A false alarm only adds null columns;
+    streaming sources are judged by their first rows."""
     import pyarrow.compute as pc
 
     names = ("tool_calls", "tool_call_id", "tools", "tool")
@@ -99,7 +101,8 @@ def mentions_tools(raw: RawSource) -> bool:
     if not hasattr(raw.dataset, "data"):  # streaming
         lines = [row[LINE] for row, _ in zip(raw.dataset, range(1000))]
         return any(f'"{name}"' in line for line in lines for name in names)
-    return len(raw.dataset) > 0 and pc.any(pc.match_substring_regex(raw.dataset.data.column(LINE), pattern)).as_py()
+    return any(pc.any(pc.match_substring_regex(piece.column(LINE), pattern)).as_py()
+               for piece in arrow_files.stored_pieces(raw.dataset.data) if piece.num_rows)
 
 
 def _lines():
