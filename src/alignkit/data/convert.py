@@ -16,7 +16,7 @@ import random
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from alignkit.data import formats
+from alignkit.data import formats, mixing
 from alignkit.data.prepared import SourceReport
 from alignkit.data.sources import LINE, RawSource
 from alignkit.errors import DataError
@@ -208,5 +208,5 @@ def kept_rows(converted, report: SourceReport):
         raise DataError(f"{report.where}: no usable rows in '{report.path}'{detail}")
     if report.skipped:
         good = pc.indices_nonzero(pc.is_null(converted.data.column(REASON)))
-        converted = converted.select(good.to_pylist())
+        converted = mixing.select_rows(converted, good.to_pylist())
     return converted.remove_columns([ROW, REASON])

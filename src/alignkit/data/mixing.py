@@ -3,6 +3,7 @@ and the held-out split (``select`` of ranges), without copying a row into Python
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,12 +20,23 @@ def weighted_indices(size: int, weight: float, rng: random.Random) -> list[int]:
     return list(range(size)) * copies + rng.sample(range(size), remainder)
 
 
+def select_rows(dataset: Any, indices: list[int]) -> Any:
+    """``dataset.select(indices)`` (a ``datasets.Dataset``), its fingerprint made from the input's and a hash of
+    the indices' bytes. Left to ``datasets``, the fingerprint pickles the list to hash it, one Python call per
+    index: 0.6 s per 100,000 rows, as much as converting them."""
+    import numpy as np
+
+    digest = hashlib.blake2b(dataset._fingerprint.encode(), digest_size=16)  # no public accessor
+    digest.update(np.asarray(indices, dtype=np.int64).tobytes())
+    return dataset.select(indices, new_fingerprint=digest.hexdigest())
+
+
 def apply_weight(rows: Any, weight: float, rng: random.Random) -> Any:
     """``rows`` (a list or a ``datasets.Dataset``) weighted by :func:`weighted_indices`."""
     indices = weighted_indices(len(rows), weight, rng)
     if isinstance(rows, list):
         return [rows[index] for index in indices]
-    return rows if indices == list(range(len(rows))) else rows.select(indices)
+    return rows if indices == list(range(len(rows))) else select_rows(rows, indices)
 
 
 def shuffled(rows: Any, rng: random.Random) -> Any:
@@ -33,7 +45,7 @@ def shuffled(rows: Any, rng: random.Random) -> Any:
     rows themselves untouched (an indices mapping over the Arrow table)."""
     order = list(range(len(rows)))
     rng.shuffle(order)
-    return rows.select(order)
+    return select_rows(rows, order)
 
 
 def split_eval(rows: Any, eval_size: float) -> tuple[Any, Any]:
