@@ -96,10 +96,12 @@ def shard(models: ActorCritic, reward_functions) -> None:
 def _shard_model(model: nn.Module, reshard: bool) -> None:
     """Each decoder layer one unit, then the root (embeddings, final norm, output layer or head). The root stays
     gathered from its forward to its backward: the critic's values are read inside the model (models.py), so the
-    loss may not reach the root's own output, whose backward hook would gather it again."""
-    for layer in decoder_layers(model):
+    loss may not reach the root's own output, whose backward hook would gather it again. With an adapter the root
+    is the transformers model inside peft's wrapper: generate() calls that model's forward, not the wrapper's."""
+    root = model.get_base_model() if hasattr(model, "peft_config") else model
+    for layer in decoder_layers(root):
         _fully_shard(layer, reshard)
-    _fully_shard(model, reshard=False)
+    _fully_shard(root, reshard=False)
 
 
 def _fully_shard(module: nn.Module, reshard: bool) -> None:
