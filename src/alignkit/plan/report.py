@@ -9,6 +9,7 @@ from alignkit.errors import AlignkitError
 from alignkit.plan import memory, planner
 from alignkit.plan.memory import format_size
 from alignkit.recipe.loading import Recipe
+from alignkit.stages import get_stage
 
 
 def run_plan(args, recipe: Recipe) -> int:
@@ -36,8 +37,6 @@ def run_plan(args, recipe: Recipe) -> int:
 
 def _check_strategy(recipe: Recipe, launch: memory.Launch) -> None:
     """The strategies a stage runs under, as ``alignkit <stage>`` checks its launch (training.check_launch)."""
-    from alignkit.stages import get_stage
-
     shards = get_stage(recipe.stage).sharded_launch
     if launch.strategy == "ddp" or shards == "accelerate" or (shards == "fsdp" and launch.strategy == "fsdp"):
         return
