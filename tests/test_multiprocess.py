@@ -2,9 +2,10 @@
 that share work out and gather it back, and SFT, DPO, PPO, ReST and RLAIF run for real with 2 CPU processes
 (DDP over gloo) through accelerate_configs/cpu_2proc.yaml.
 
-FSDP and ZeRO-3 training is not run here: accelerate runs them on GPUs only (checked on a GPU machine, see
-docs/multi-gpu.md). What is checked: a launch asking for them on a CPU machine stops with a clear error, and
-a model sharded with torch's FSDP2 on CPU processes generates and scores in step through alignkit's helpers.
+FSDP and ZeRO-3 training of the TRL stages is not run here: accelerate runs them on GPUs only (checked on a GPU
+machine, see docs/multi-gpu.md). What is checked: a launch asking for them on a CPU machine stops with a clear
+error, and a model sharded with torch's FSDP2 on CPU processes generates and scores in step through alignkit's
+helpers. PPO, which shards its own models, trains under FSDP on CPU processes in tests/test_ppo_sharded.py.
 """
 
 from __future__ import annotations
