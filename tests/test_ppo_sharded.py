@@ -6,6 +6,7 @@ loaded back with plain ``from_pretrained``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -51,11 +52,12 @@ def _run(command: list[str], timeout: float = 600) -> subprocess.CompletedProces
 
 
 def _kill_when_written(command: list[str], marker: Path, log: Path, timeout: float = 600) -> None:
-    """Run ``command`` (the launcher and its processes, in a session of their own) until ``marker`` exists, then
-    SIGKILL all of them at once, as a preempted job is."""
+    """Run ``command`` until ``marker`` exists, then SIGKILL the launcher and every process under it at once, as a
+    preempted job is. By process, not by group: torchrun starts each worker in a session of its own."""
+    import psutil
+
     with log.open("w") as out:
-        process = subprocess.Popen(command, cwd=REPO, env=_environment(), stdout=out, stderr=out,
-                                   start_new_session=True)
+        process = subprocess.Popen(command, cwd=REPO, env=_environment(), stdout=out, stderr=out)
         deadline = time.time() + timeout
         try:
             while not marker.exists():
@@ -63,7 +65,10 @@ def _kill_when_written(command: list[str], marker: Path, log: Path, timeout: flo
                 assert time.time() < deadline, f"no {marker} within {timeout:.0f} s"
                 time.sleep(0.1)
         finally:
-            os.killpg(process.pid, signal.SIGKILL)
+            tree = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
+            for pid in tree:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             process.wait()
 
 
