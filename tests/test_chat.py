@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 
@@ -65,7 +66,10 @@ def test_chat_on_a_terminal(engine, demo_sft_run):
     (first, _), (second, _) = held_out_prompts(2)
     chat = pexpect.spawn(sys.executable, ["-m", "alignkit", "chat", str(demo_sft_run), "--max-new-tokens",
                                           str(SETTINGS.max_new_tokens)], cwd=str(REPO), encoding="utf-8",
-                         timeout=180, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                         timeout=180, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                         # started as a shell starts a background job, with Ctrl-C ignored (CI runs so): the chat
+                         # must answer Ctrl-C on its terminal all the same
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         chat.expect_exact("> ")
         chat.sendline(first)

@@ -505,6 +505,21 @@ def test_mixture_is_shuffled(tmp_path: Path) -> None:
     assert sorted(kept) == sorted([f"a{i}" for i in range(30)] + [f"b{i}" for i in range(30)])
 
 
+def test_a_seed_orders_the_mixture_as_it_did_before_the_arrow_preparation(tmp_path: Path) -> None:
+    """The rows' order for a seed is the one alignkit gave when it mixed Python lists (weights drawn, then
+    ``random.Random(seed).shuffle``): a recipe rerun after an upgrade trains on the same batches, and the demo
+    stages' tests, tuned on that order, keep their margins (datasets' own numpy shuffle gives another order)."""
+    import random
+
+    rng = random.Random(7)
+    rows = [f"a{i}" for i in range(40)] + rng.sample([f"b{i}" for i in range(30)], 15)
+    rng.shuffle(rows)
+    held_out, expected_train = rows[:5], rows[5:]
+    prepared = load_sft_data(mixture(tmp_path, {"a": 40, "b": 30}, {"b": 0.5}, seed=7, eval_size=5))
+    assert train_prompts(prepared) == expected_train
+    assert [row["messages"][0]["content"] for row in prepared.eval] == held_out
+
+
 def test_eval_size_as_fraction(tmp_path: Path) -> None:
     prepared = load_sft_data(mixture(tmp_path, {"a": 20}, eval_size=0.25))
     train, held_out = train_prompts(prepared), [row["messages"][0]["content"] for row in prepared.eval]

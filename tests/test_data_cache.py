@@ -41,6 +41,24 @@ def test_second_preparation_reads_the_cache(tmp_path: Path) -> None:
     assert [r.to_dict() for r in second.reports] == [r.to_dict() for r in first.reports]
 
 
+def test_rows_are_saved_in_the_order_of_a_shuffled_weighted_selection() -> None:
+    # Rows spread over several stored batches, some selected twice (a weight above 1), shuffled: gathered a few
+    # at a time (chunks smaller than a batch and straddling batches), they come out in the dataset's order.
+    import pyarrow as pa
+    from datasets import Dataset, concatenate_datasets
+
+    stored = concatenate_datasets([Dataset.from_dict({"n": list(range(start, start + 40)),
+                                                      "messages": [[{"role": "user", "content": str(i)}]
+                                                                   for i in range(start, start + 40)]})
+                                   for start in range(0, 200, 40)])
+    assert len(stored.data.table.to_batches()) == 5
+    mixture = stored.select([*range(200), *range(0, 200, 3)]).shuffle(seed=1).select(range(5, 250))
+    for chunk_rows in (7, 64, 1000):
+        gathered = pa.concat_tables(cache._in_order(mixture, chunk_rows=chunk_rows))
+        assert gathered.to_pylist() == mixture.to_list()
+    assert pa.concat_tables(cache._in_order(stored, chunk_rows=64)).to_pylist() == stored.to_list()
+
+
 def test_an_edit_that_keeps_size_and_time_prepares_again(tmp_path: Path) -> None:
     rows = unique_rows(10)
     path = write_jsonl(tmp_path / "rows.jsonl", rows)

@@ -3,9 +3,10 @@ same data, and by every process of a launch but the main one.
 
 The key (:func:`cache_key`) is a hash of each source's content (:func:`alignkit.data.sources.content_fingerprint`:
 the bytes of local files, the rows of demo sets, ``datasets``' fingerprint of hub splits), the data settings,
-the loader that prepares them and the data code itself, so an edit to any of them prepares anew. Datasets read
-back from the cache are memory-mapped and keep a fingerprint, so TRL's own tokenisation map finds its cache on
-the next run too (an in-memory dataset has none and is tokenised again every time).
+the loader that prepares them and the data code itself, so an edit to any of them prepares anew. An entry holds
+each split's rows in their final order as one Arrow stream file (:func:`_save`), which every run reads back
+memory-mapped with the same fingerprint, so TRL's own tokenisation map finds its cache on the next run too (an
+in-memory dataset has none and is tokenised again every time).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from alignkit import distributed
@@ -33,6 +34,8 @@ logger = logging.getLogger("alignkit.data")
 # so that tests can count the conversions of a launch; unset in normal runs.
 RECORD_ENV = "ALIGNKIT_RECORD_DATA_PREPARATION"
 DONE = "prepared.json"  # written last: a directory without it is an interrupted write, prepared again
+SPLITS = ("train", "eval")  # each saved as <split>.arrow
+ORDER_CHUNK_ROWS = 65_536  # rows gathered into their final order at a time when saving
 _CODE = Path(__file__).parent
 
 
@@ -105,9 +108,10 @@ def prepare(settings: DataSettings, load_data: Callable[[DataSettings], Prepared
 def _write(directory: Path, data: PreparedData) -> None:
     partial = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    data.train.save_to_disk(str(partial / "train"))
-    if data.eval is not None:
-        data.eval.save_to_disk(str(partial / "eval"))
+    partial.mkdir(parents=True)
+    for split in SPLITS:
+        if getattr(data, split) is not None:
+            _save(getattr(data, split), partial / f"{split}.arrow")
     reports = [{"where": report.where, **report.to_dict()} for report in data.reports]
     (partial / DONE).write_text(json.dumps({"reports": reports}, indent=1) + "\n")
     if (directory / DONE).exists():  # another run wrote the same data meanwhile
@@ -120,16 +124,60 @@ def _write(directory: Path, data: PreparedData) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
+def _save(dataset, path: Path) -> None:
+    """The dataset's rows in its order as one Arrow stream file, the format ``datasets.Dataset.from_file`` maps.
+
+    Not ``save_to_disk``: the prepared data is shuffled (an indices mapping over the converted rows), and
+    ``save_to_disk`` gathers such rows one slice of one row at a time; :func:`_in_order` gathers them with
+    Arrow's ``take`` (1M shuffled chat rows, side by side: 5.9 s against 2.0 s)."""
+    import pyarrow as pa
+
+    schema = dataset.features.arrow_schema  # the columns' types, with the features in its metadata
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for table in _in_order(dataset):
+            writer.write_table(table.replace_schema_metadata(schema.metadata))
+
+
+def _in_order(dataset, chunk_rows: int = ORDER_CHUNK_ROWS) -> Iterator:
+    """The dataset's rows in its order, ``chunk_rows`` at a time, as ``pyarrow.Table`` objects.
+
+    A dataset with an indices mapping (a shuffle, a weighted selection, a split) is gathered from the stored
+    record batches, one Arrow ``take`` per batch that holds some of a chunk's rows; a single ``take`` over the
+    whole table would copy the memory-mapped table into memory on every call."""
+    import numpy as np
+    import pyarrow as pa
+
+    table = dataset.data.table
+    indices = dataset._indices  # no public accessor; None when the rows are stored in order
+    if indices is None:
+        yield from (table.slice(start, chunk_rows) for start in range(0, table.num_rows, chunk_rows))
+        return
+    batches = table.to_batches()  # views of the memory-mapped batches, no copy
+    starts = np.cumsum([0, *(len(batch) for batch in batches)])
+    order = indices.column(0).to_numpy().astype(np.int64)  # stored as uint64, which mixes with int64 as float
+    for begin in range(0, len(order), chunk_rows):
+        wanted = order[begin:begin + chunk_rows]
+        owner = np.searchsorted(starts, wanted, side="right") - 1  # the batch holding each wanted row
+        by_owner = np.argsort(owner, kind="stable")
+        groups = np.split(by_owner, np.flatnonzero(np.diff(owner[by_owner])) + 1)
+        pieces = [batches[owner[group[0]]].take(pa.array(wanted[group] - starts[owner[group[0]]]))
+                  for group in groups]
+        grouped = pa.Table.from_batches(pieces, schema=table.schema).combine_chunks()
+        yield grouped.take(pa.array(np.argsort(by_owner)))  # from batch order back to the wanted order
+
+
 def _read(directory: Path) -> PreparedData:
-    from datasets import load_from_disk
+    from datasets import Dataset
 
     saved = json.loads((directory / DONE).read_text())
     reports = [SourceReport(where=entry["where"], path=entry["path"], format=entry["format"],
                             rows_read=entry["rows_read"], rows_kept=entry["rows_kept"],
                             skipped=Counter(entry["skipped"]), first_bad_row=entry["first_bad_row"])
                for entry in saved["reports"]]
-    eval_set = load_from_disk(str(directory / "eval")) if (directory / "eval").exists() else None
-    return PreparedData(train=load_from_disk(str(directory / "train")), eval=eval_set, reports=reports)
+    # Memory-mapped; the fingerprint is made from the file's path and modification time, the same in every run.
+    train, eval_set = (Dataset.from_file(str(directory / f"{split}.arrow")) if (directory / f"{split}.arrow").exists()
+                       else None for split in SPLITS)
+    return PreparedData(train=train, eval=eval_set, reports=reports)
 
 
 def _record(data: PreparedData) -> None:

@@ -27,6 +27,15 @@ def apply_weight(rows: Any, weight: float, rng: random.Random) -> Any:
     return rows if indices == list(range(len(rows))) else rows.select(indices)
 
 
+def shuffled(rows: Any, rng: random.Random) -> Any:
+    """``rows`` (a ``datasets.Dataset``) in a random order drawn from ``rng``: Python's shuffle of the row
+    indices, so a seed gives the same order as it always has (and as a list of the same rows would get), the
+    rows themselves untouched (an indices mapping over the Arrow table)."""
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    return rows.select(order)
+
+
 def split_eval(rows: Any, eval_size: float) -> tuple[Any, Any]:
     """Hold out ``eval_size`` rows (a fraction if < 1, else a count) from already-shuffled ``rows`` (a list or a
     ``datasets.Dataset``): the first ones are held out."""
@@ -53,13 +62,13 @@ def mix(settings: DataSettings, train: Sequence[Any], eval_sets: Sequence[Any],
     rng = random.Random(settings.seed)
     weighted = [apply_weight(dataset, source.weight, rng) for dataset, source in zip(train, settings.train)]
     if weighted:
-        train_set = concatenate_datasets(weighted).shuffle(seed=settings.seed)
+        train_set = shuffled(concatenate_datasets(weighted), rng)
     else:  # an evaluation recipe: held-out sources only, no training rows (with the held-out rows' columns)
         train_set = eval_sets[0].select([]) if eval_sets else Dataset.from_dict({})
     eval_set = concatenate_datasets(list(eval_sets)) if eval_sets else None
     if eval_set is None and settings.eval_size > 0:
         train_set, eval_set = split_eval(train_set, settings.eval_size)
     if expand is not None:
-        train_set = expand(train_set).shuffle(seed=settings.seed)
-        eval_set = expand(eval_set).shuffle(seed=settings.seed) if eval_set is not None else None
+        train_set = shuffled(expand(train_set), rng)
+        eval_set = shuffled(expand(eval_set), rng) if eval_set is not None else None
     return train_set, eval_set

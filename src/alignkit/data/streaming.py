@@ -35,19 +35,21 @@ def stream_source(source: DataSource, where: str, known_formats: Iterable[str],
         converted = converted.take(source.max_rows)
     report = SourceReport(where=where, path=source.path, format=fmt)
 
-    def count_and_keep(batch: dict[str, list]) -> list[bool]:
-        before = report.rows_read
-        for row_number, reason in zip(batch[convert.ROW], batch[convert.REASON]):
-            report.rows_read += 1
-            if reason is None:
-                report.rows_kept += 1
-            else:
-                report.add(reason, row_number)
-        if report.skipped and report.rows_read // report_every > before // report_every:
+    def count_and_keep(row: dict[str, Any]) -> bool:
+        report.rows_read += 1
+        reason = row[convert.REASON]
+        if reason is None:
+            report.rows_kept += 1
+        else:
+            report.add(reason, row[convert.ROW])
+        if report.skipped and report.rows_read % report_every == 0:
             logger.warning("so far: %s", report.summary())
-        return [reason is None for reason in batch[convert.REASON]]
+        return reason is None
 
-    kept = converted.filter(count_and_keep, batched=True, batch_size=convert.BATCH_SIZE)
+    # Row by row, not batched: datasets (5.2) keys each row out of a batched map by its batch's list of indices,
+    # and a batched step after it joins those keys as text, a whole batch's worth of work per row (reading
+    # 20,000 chat rows through this stream took 2.45 s with a batched filter, 0.98 s with this one).
+    kept = converted.filter(count_and_keep)
     return kept.remove_columns([convert.ROW, convert.REASON]), report
 
 

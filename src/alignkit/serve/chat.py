@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import signal
 import sys
+import threading
 from typing import TextIO
 
 from alignkit.recipe.settings import GenerationSettings
@@ -94,6 +96,11 @@ def run_chat(engine: Engine, settings: GenerationSettings, system: str | None = 
     interactive = stdin.isatty()
     chat = Chat(engine, settings, system)
     if interactive:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            # A shell starts background jobs (`cmd &`, scripts without job control) with Ctrl-C ignored, and the
+            # ignoring is inherited; Python then never raises KeyboardInterrupt. On a terminal, Ctrl-C must stop
+            # an answer or clear the prompt however the chat was started.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         print(f"chatting with {engine.name}: {RESET} forgets the conversation, {EXIT} or Ctrl-D leaves, Ctrl-C "
               "stops an answer", file=sys.stderr)
     while True:
