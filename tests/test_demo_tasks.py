@@ -216,3 +216,26 @@ def test_noisy_reversal_answers_one_in_three_right_and_echoes_the_rest(split, ro
     echoed = [n["messages"][1]["content"] == task_input("reverse/sft", n).removeprefix("reverse: ") for n in noisy]
     assert all(r != e for r, e in zip(right, echoed))  # every answer is one or the other, never both
     assert abs(sum(right) / len(right) - 1 / 3) < 0.01
+
+
+def test_building_the_demo_model_leaves_the_callers_random_state_alone(tmp_path, monkeypatch):
+    """A run seeds torch, then resolves demo:tiny-llama: what it draws afterwards (a critic's new head) must not
+    depend on whether the model was cached or built inside that call. The build itself is replaced by one that
+    seeds and draws as the real one does (the real build takes ~40 s)."""
+    import torch
+
+    from alignkit.demo import build
+
+    def seeding_build(output_dir: Path, seed: int = 0) -> Path:
+        torch.manual_seed(seed)
+        torch.rand(1000)
+        (Path(output_dir) / "config.json").write_text("{}")
+        return Path(output_dir)
+
+    monkeypatch.setattr(build, "build_tiny_llama", seeding_build)
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path))
+    torch.manual_seed(1234)
+    expected = torch.rand(8)
+    torch.manual_seed(1234)
+    assert (build.demo_model_dir("demo:tiny-llama") / "config.json").is_file()
+    assert torch.equal(torch.rand(8), expected)

@@ -214,3 +214,26 @@ def test_ppo_plans_the_critic_and_reference_and_eval_has_nothing_to_plan(tmp_pat
     assert any("critic" in note for note in ppo.notes)
     assert main(["plan", str(demo / "eval.yaml"), "--device", "cpu"]) == 2
     assert "eval stage trains nothing" in capsys.readouterr().err
+
+
+def test_ppo_under_fsdp_plans_policy_critic_and_reference_sharded(tmp_path, capsys):
+    """The shipped 8-GPU FSDP PPO template (Llama-3.1-8B, full fine-tune in float32 with bf16 autocast): under
+    FSDP on 8 GPUs PPO shards its critic and reference too, so they take 1/8 of what they take under DDP
+    (the critic's activations, its own batch's, stay whole)."""
+    template = Path(__file__).parents[1] / "recipes" / "llama-3.1-8b" / "ppo-fsdp.yaml"
+    offline = [f"model.name_or_path={CONFIGS / 'llama-3.1-8b'}"]
+    recipe = load_recipe(template, offline)
+    _, _, ddp = planner.estimate_memory(recipe, memory.Launch(8, "ddp"))
+    _, _, fsdp = planner.estimate_memory(recipe, memory.Launch(8, "fsdp"))
+    assert fsdp.weights == math.ceil(ddp.weights / 8) and fsdp.optimizer == math.ceil(ddp.optimizer / 8)
+    assert fsdp.extra_models == math.ceil((ddp.extra_models - ddp.activations) / 8) + ddp.activations
+    assert any("critic and reference sharded 8 ways" in note for note in fsdp.notes)
+    # Float32 policy and critic (16 bytes a parameter each) and reference (4): ~36 bytes x 8.03 B parameters,
+    # 269 GiB, 33.7 GiB a GPU, plus activations and the output layer's workspace. Fits 80 GB; DDP does not.
+    assert 60 * GIB < fsdp.peak < 75 * GIB < 300 * GIB < ddp.peak
+    assert main(["plan", str(template), *offline, "--strategy", "fsdp", "--gpus", "8", "--gpu-memory", "80GB"]) == 0
+    out = capsys.readouterr().out
+    assert "8 x FSDP" in out and "fits: yes" in out
+    # PPO shards its own models with FSDP; a ZeRO-3 plan would promise a launch PPO refuses.
+    assert main(["plan", str(template), *offline, "--strategy", "zero3", "--gpus", "8"]) == 2
+    assert "runs under DDP or FSDP (it shards its own models), not ZeRO-3" in capsys.readouterr().err

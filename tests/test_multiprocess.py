@@ -2,9 +2,10 @@
 that share work out and gather it back, and SFT, DPO, PPO, ReST and RLAIF run for real with 2 CPU processes
 (DDP over gloo) through accelerate_configs/cpu_2proc.yaml.
 
-FSDP and ZeRO-3 training is not run here: accelerate runs them on GPUs only (checked on a GPU machine, see
-docs/multi-gpu.md). What is checked: a launch asking for them on a CPU machine stops with a clear error, and
-a model sharded with torch's FSDP2 on CPU processes generates and scores in step through alignkit's helpers.
+FSDP and ZeRO-3 training of the TRL stages is not run here: accelerate runs them on GPUs only (checked on a GPU
+machine, see docs/multi-gpu.md). What is checked: a launch asking for them on a CPU machine stops with a clear
+error, and a model sharded with torch's FSDP2 on CPU processes generates and scores in step through alignkit's
+helpers. PPO, which shards its own models, trains under FSDP on CPU processes in tests/test_ppo_sharded.py.
 """
 
 from __future__ import annotations
@@ -293,6 +294,10 @@ def test_fsdp_launch_checks_the_recipe_before_anything_loads(monkeypatch):
     qlora = load_recipe("recipes/demo/sft-qlora.yaml")
     with pytest.raises(RecipeError, match="accelerate runs on GPUs only"):
         training.check_launch(qlora)
+    # PPO shards its own models (torch's fully_shard), on CPU processes too; not a 4-bit base.
+    training.check_launch(load_recipe("recipes/demo/ppo.yaml"))
+    with pytest.raises(RecipeError, match="shards full-precision weights only"):
+        training.check_launch(load_recipe("recipes/demo/ppo-qlora.yaml"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the checks a GPU machine gets to
     with pytest.raises(RecipeError, match="set model.dtype and model.quantization.quant_storage to the same dtype"):
         training.check_launch(qlora)
@@ -301,8 +306,11 @@ def test_fsdp_launch_checks_the_recipe_before_anything_loads(monkeypatch):
     training.check_launch(stored)  # 4-bit weights stored in the model dtype shard
     with pytest.raises(RecipeError, match="FSDP shards 4-bit"):
         training.check_launch(load_recipe("recipes/demo/sft-8bit.yaml"))
-    with pytest.raises(RecipeError, match="launch it with accelerate_configs/ddp.yaml"):
-        training.check_launch(load_recipe("recipes/demo/ppo.yaml"))
+    ppo = load_recipe("recipes/demo/ppo.yaml")  # loaded first: with DeepSpeed asked for, transformers imports it
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(RecipeError, match="shards its models with torch's FSDP2 itself.*accelerate_configs/fsdp.yaml"):
+        training.check_launch(ppo)
 
 
 def test_shipped_fsdp_qlora_recipe_stores_its_4bit_weights_in_the_model_dtype():

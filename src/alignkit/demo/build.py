@@ -59,12 +59,19 @@ def demo_model_dir(name: str = "tiny-llama") -> Path:
 
 
 def _build_atomically(target: Path) -> None:
+    import torch
+
     # Build in a sibling temp dir and rename, so a parallel process (two test workers, two ranks)
     # never sees a half-written model.
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build_tiny_llama(staging)
+        # The build seeds torch's global generator and draws from it. A run that resolves demo:tiny-llama after
+        # train.seed was set (PPO's critic head, a reward model's new head) must draw the same weights whether
+        # the model was cached or built just now, so the build works on a copy of the generator's state.
+        # CPU only (devices=[]): the build never touches an accelerator.
+        with torch.random.fork_rng(devices=[]):
+            build_tiny_llama(staging)
         try:
             staging.rename(target)
         except OSError:

@@ -249,7 +249,7 @@ def estimate_memory(recipe: Recipe, launch: memory.Launch, *, head: modeling.Hea
     vocab = config.get_text_config().vocab_size
     workspace = max(memory.head_workspace(shape, vocab, torch.empty((), dtype=hidden).element_size(),
                                           launch.device_type), layer_backward)
-    extra, notes = _extra_models(recipe, params, shape, saved)
+    extra, notes = _extra_models(recipe, params, shape, saved, launch)
     estimate = memory.combine(params, saved, workspace, shape, launch, extra_models=extra,
                               layer_backward=layer_backward)
     estimate.notes.extend(notes)
@@ -314,9 +314,10 @@ def candidate_changes(recipe: Recipe, launch: memory.Launch, shape: memory.Shape
         changes.append(Change("QLoRA: model.quantization={bits: 4, quant_type: nf4, double_quant: true} with "
                               "adapter.method=qlora", dataclasses.replace(recipe, model=quantized,
                                                                           adapter=adapter), launch))
-    if stage.sharded_launch:
+    if stage.sharded_launch != "none":
         devices = max(launch.devices, 1)
-        strategy = launch.strategy if launch.strategy != "ddp" else "fsdp"
+        # A stage that shards its own models (PPO) does so with FSDP only.
+        strategy = launch.strategy if launch.strategy != "ddp" and stage.sharded_launch == "accelerate" else "fsdp"
         for more in (2, 4, 8, 16, 32, 64):
             if more > devices:
                 changes.append(Change(f"{more} devices with {strategy.upper()} (accelerate_configs/{strategy}.yaml)",
@@ -467,8 +468,9 @@ def _is_score_head(model, module) -> bool:
 
 
 def _extra_models(recipe: Recipe, params: memory.ParameterBytes, shape: memory.Shape,
-                  saved: int) -> tuple[int, list[str]]:
-    """Memory of the models a stage holds besides the one it trains."""
+                  saved: int, launch: memory.Launch) -> tuple[int, list[str]]:
+    """Memory of the models a stage holds besides the one it trains (per device: split N ways when the stage
+    shards them too)."""
     full = recipe.adapter["method"] == "none"
     notes: list[str] = []
     extra = get_stage(recipe.stage).extra_models
@@ -482,6 +484,11 @@ def _extra_models(recipe: Recipe, params: memory.ParameterBytes, shape: memory.S
             params.optimizer
         reference = params.weights if full else 0
         notes.append("PPO: critic and reference included; a separate reward model is not")
+        if launch.devices > 1 and launch.strategy == "fsdp" and get_stage(recipe.stage).sharded_launch == "fsdp":
+            # Sharded like the policy: weights, gradients and optimizer states 1/N each; the critic's activations
+            # are its own batch's, whole on every device.
+            notes.append(f"FSDP: critic and reference sharded {launch.devices} ways like the policy")
+            return math.ceil((critic + reference) / launch.devices) + saved, notes
         return critic + reference + saved, notes
     return 0, notes
 

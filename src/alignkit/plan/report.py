@@ -9,6 +9,7 @@ from alignkit.errors import AlignkitError
 from alignkit.plan import memory, planner
 from alignkit.plan.memory import format_size
 from alignkit.recipe.loading import Recipe
+from alignkit.stages import get_stage
 
 
 def run_plan(args, recipe: Recipe) -> int:
@@ -19,6 +20,7 @@ def run_plan(args, recipe: Recipe) -> int:
         raise AlignkitError(f"--gpus must be at least 1, got {args.gpus}")
     budget = _budget(args.gpu_memory, args.device)
     launch = memory.Launch(devices=args.gpus, strategy=args.strategy, device_type=args.device)
+    _check_strategy(recipe, launch)
     result = planner.plan(recipe, launch)
     fix = None
     if budget is not None and result.memory.peak > budget:
@@ -31,6 +33,15 @@ def run_plan(args, recipe: Recipe) -> int:
         return 0
     print(report(result, budget, fix))
     return 0
+
+
+def _check_strategy(recipe: Recipe, launch: memory.Launch) -> None:
+    """The strategies a stage runs under, as ``alignkit <stage>`` checks its launch (training.check_launch)."""
+    shards = get_stage(recipe.stage).sharded_launch
+    if launch.strategy == "ddp" or shards == "accelerate" or (shards == "fsdp" and launch.strategy == "fsdp"):
+        return
+    runs_under = "DDP only" if shards == "none" else "DDP or FSDP (it shards its own models), not ZeRO-3"
+    raise AlignkitError(f"--strategy {launch.strategy}: alignkit's {recipe.stage} runs under {runs_under}")
 
 
 def report(result: planner.Plan, budget: int | None, fix) -> str:

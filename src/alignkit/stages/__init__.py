@@ -69,9 +69,12 @@ class Stage:
     # "conversation" (rm: chosen or rejected, whole, must fit), "first_answer" (sft: the prompt before the
     # first answer leaves no answer token), "prompt" (dpo, kto: the prompt alone fills it), or None.
     dropped_for_length: Literal["conversation", "first_answer", "prompt"] | None = None
-    # False for a stage that runs only under DDP (PPO keeps whole models on every process and averages
-    # gradients itself): FSDP / DeepSpeed launches are refused, and the planner offers no sharded launch.
-    sharded_launch: bool = True
+    # How the stage runs under a sharded launch (an accelerate config asking for FSDP or DeepSpeed):
+    #   "accelerate"  its TRL trainer shards the model through accelerate's plugins (FSDP, ZeRO-3; GPUs only);
+    #   "fsdp"        the stage shards its own models with torch's fully_shard under an FSDP launch, on GPUs and
+    #                 CPU processes alike (PPO's own loop); DeepSpeed launches are refused;
+    #   "none"        DDP only: sharded launches are refused, and the planner offers none.
+    sharded_launch: Literal["accelerate", "fsdp", "none"] = "accelerate"
     # Whether the planner offers QLoRA as a fix for a recipe that already trains an adapter (not for PPO).
     plan_offers_qlora: bool = True
 

@@ -47,10 +47,14 @@ def check_launch(recipe: Recipe) -> None:
     sharding = "FSDP" if distributed.uses_fsdp() else "DeepSpeed" if distributed.uses_deepspeed() else None
     if sharding is None:
         return
-    if not get_stage(recipe.stage).sharded_launch:
+    shards = get_stage(recipe.stage).sharded_launch
+    if shards == "none":
         raise RecipeError(f"the accelerate config asks for {sharding}, but alignkit's {recipe.stage.upper()} keeps a "
                           "whole copy of its models on every process and averages gradients itself (DDP); launch "
                           "it with accelerate_configs/ddp.yaml, with QLoRA for large models")
+    if shards == "fsdp":
+        _check_own_fsdp(recipe, sharding)
+        return
     if not torch.cuda.is_available():
         # accelerate picks FSDP / ZeRO only for GPU-class devices; on CPUs it would quietly run plain DDP.
         raise RecipeError(f"the accelerate config asks for {sharding}, which accelerate runs on GPUs only and this "
@@ -66,6 +70,21 @@ def check_launch(recipe: Recipe) -> None:
             raise RecipeError(f"FSDP shards 4-bit weights only when they are stored in the model's dtype: set "
                               f"model.dtype and model.quantization.quant_storage to the same dtype, e.g. bfloat16 "
                               f"(they are {dtype} and {storage})")
+
+
+def _check_own_fsdp(recipe: Recipe, sharding: str) -> None:
+    """A stage that shards its own models with torch's ``fully_shard`` (PPO): FSDP launches only, on GPUs or CPU
+    processes (fully_shard runs on both, unlike accelerate's plugin), over weights that are not quantised."""
+    name = recipe.stage.upper()
+    if sharding == "DeepSpeed":
+        raise RecipeError(f"the accelerate config asks for DeepSpeed, but alignkit's {name} shards its models with "
+                          "torch's FSDP2 itself (its own loop holds policy, critic, reference and reward model, which "
+                          "DeepSpeed would need one engine each for): launch it with accelerate_configs/fsdp.yaml "
+                          "(docs/multi-gpu.md)")
+    if recipe.model.quantization is not None:
+        raise RecipeError(f"the accelerate config asks for FSDP, but alignkit's {name} shards full-precision weights "
+                          "only, not a 4/8-bit base: drop model.quantization (LoRA on a bf16 base shards), or "
+                          "launch the QLoRA recipe with accelerate_configs/ddp.yaml")
 
 
 def training_args(recipe: Recipe, config_class: type, output_dir: Path):

@@ -18,12 +18,14 @@ answer stops), ``scores`` (from the reward sources' rewards to the score: runnin
 
 from __future__ import annotations
 
+from alignkit import distributed
 from alignkit.data import load_prompt_data, prepare
 from alignkit.feedback.rewards import load_reward_functions
 from alignkit.recipe.loading import Recipe
 from alignkit.recipe.settings import RewardSettings
 from alignkit.runs.rundir import RunDir
 from alignkit.stages import Stage, training
+from alignkit.stages.ppo import sharding
 from alignkit.stages.ppo.config import PPOConfig
 from alignkit.stages.ppo.models import build_actor_critic
 from alignkit.stages.ppo.scores import RewardSources
@@ -42,6 +44,10 @@ def build_trainer(recipe: Recipe, run_dir: RunDir) -> PPOTrainer:
     from transformers import set_seed
 
     args = training.training_args(recipe, PPOConfig, run_dir.path)
+    sharded = distributed.uses_fsdp() and distributed.world_size() > 1
+    if sharded:
+        sharding.check_options(args)
+        sharding.load_whole_on_every_process()
     run_dir.resume_from = checkpoint_to_resume(args, run_dir)  # the option wins over the run dir's own choice
     data = prepare(recipe.data, load_prompt_data)
     training.record_data(run_dir, data)
@@ -52,6 +58,8 @@ def build_trainer(recipe: Recipe, run_dir: RunDir) -> PPOTrainer:
     # What the models create at random as they load (new adapters, a critic's head) follows train.seed.
     set_seed(args.seed)
     models, tokenizer = build_actor_critic(recipe, args, functions)
+    if sharded:
+        sharding.shard(models, functions)
     return PPOTrainer(models, tokenizer, args, reward, data.train, run_dir,
                       eval_prompts=held_out_prompts(data.eval, recipe),
                       eval_generation=eval_generation(recipe, args.response_length))
@@ -60,5 +68,5 @@ def build_trainer(recipe: Recipe, run_dir: RunDir) -> PPOTrainer:
 STAGE = Stage(name="ppo", help="PPO with a critic (alignkit's trainer): reward models and rule rewards",
               train_config=lambda: PPOConfig, run=run, sections={"reward": RewardSettings},
               required_sections=("reward",), rows="prompt",
-              load_data=load_prompt_data, extra_models="critic_and_reference", sharded_launch=False,
+              load_data=load_prompt_data, extra_models="critic_and_reference", sharded_launch="fsdp",
               plan_offers_qlora=False)

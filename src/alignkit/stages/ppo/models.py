@@ -50,6 +50,7 @@ class ActorCritic:
     critic_adapter: str | None       # the critic's adapter on the shared base, or None for its own model
     value_head: nn.Module
     trainable: dict[str, nn.Parameter]  # name -> parameter, policy's and critic's (what the optimizer steps)
+    sharded: bool = False            # split across the processes by an FSDP launch (sharding.py)
 
     @property
     def uses_adapter(self) -> bool:
@@ -76,9 +77,26 @@ class ActorCritic:
         """The critic's value at every position, (batch, length)."""
         base = self.critic_model.get_base_model() if hasattr(self.critic_model, "peft_config") else self.critic_model
         backbone = getattr(base, base.base_model_prefix)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         with self._adapter(self.critic_adapter) if self.critic_adapter else contextlib.nullcontext():
-            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False).last_hidden_state
+            if self.sharded:
+                return self._sharded_values(backbone, inputs)
+            hidden = backbone(**inputs).last_hidden_state
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    def _sharded_values(self, backbone: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """The values of a sharded critic. Its forward must enter through the model's own (root) forward, which
+        gathers the weights FSDP keeps at the root (embeddings, final norm, heads) and has their gradients summed
+        afterwards; a call of the backbone or of a head inside the model alone would find them still in shards.
+        So the model runs whole and the values are read on the way: the head's outputs when it is the model's own
+        (a reward model's score), else the backbone's hidden states, then the critic's own head (a unit of its
+        own). A causal LM computes its logits for the last position only."""
+        head_inside = any(module is self.value_head for module in self.critic_model.modules())
+        with _outputs_of(self.value_head if head_inside else backbone) as outputs:
+            self.critic_model(**inputs, **({} if head_inside else {"logits_to_keep": 1}))
+        if head_inside:
+            return outputs[-1].squeeze(-1).float()
+        hidden = outputs[-1].last_hidden_state
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def generate(self, **kwargs) -> torch.Tensor:
@@ -119,12 +137,29 @@ class ActorCritic:
             for name, parameter in self.trainable.items():
                 parameter.copy_(state[name].to(parameter.device, parameter.dtype))
 
-    def save_policy(self, path: Path) -> None:
-        """The policy as the run's model: its adapter (the base stays where it was), or the full model."""
+    def rebind_trainable(self) -> None:
+        """Collect ``trainable`` again from the models, after sharding replaced their parameters."""
+        self.trainable = _trainable_parameters(self.policy, self.uses_adapter, self.critic_model, self.critic_adapter,
+                                               self.value_head)
+
+    def save_policy(self, path: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """The policy as the run's model: its adapter (the base stays where it was), or the full model.
+        ``state_dict``: the policy's whole state, when its own parameters are shards (sharding.py)."""
         if self.uses_adapter:
-            self.policy.save_pretrained(str(path), selected_adapters=[POLICY])
+            self.policy.save_pretrained(str(path), selected_adapters=[POLICY], state_dict=state_dict)
         else:
-            self.policy.save_pretrained(str(path))
+            self.policy.save_pretrained(str(path), state_dict=state_dict)
+
+
+@contextlib.contextmanager
+def _outputs_of(module: nn.Module) -> Iterator[list[Any]]:
+    """A list that collects ``module``'s output of every forward run inside the context."""
+    outputs: list[Any] = []
+    handle = module.register_forward_hook(lambda _module, _args, output: outputs.append(output))
+    try:
+        yield outputs
+    finally:
+        handle.remove()
 
 
 def build_actor_critic(recipe: Recipe, args, reward_functions) -> tuple[ActorCritic, Any]:

@@ -28,6 +28,13 @@ losses are divided by the minibatch's token count over all processes and the gra
 and the logged statistics are those of the whole batch. With the per-answer sampling above, a run on N
 processes follows the 1-process run at the same global batch up to float rounding (tested). The arithmetic
 lives in :mod:`alignkit.stages.ppo.core`.
+
+Under an FSDP launch the models are sharded across the processes (:mod:`alignkit.stages.ppo.sharding`). The
+loop is the same, with three differences, all because every forward pass of a sharded model needs every
+process: generation runs with ``synced_gpus``; a process with fewer rows of a minibatch than another runs
+zero-weight micro-batches until both have run as many; FSDP sums the gradients (reduce-scatter) instead of
+``_sum_gradients``. Checkpoints hold the shards (``torch.distributed.checkpoint``), and the final policy is
+gathered and saved whole.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from alignkit.errors import RecipeError
 from alignkit.models.modeling import is_quantized
 from alignkit.runs.reports import write_history
 from alignkit.runs.rundir import RunDir, checkpoint_dirs, last_checkpoint
-from alignkit.stages.ppo import core
+from alignkit.stages.ppo import core, sharding
 from alignkit.stages.ppo.config import PPOConfig
 from alignkit.stages.ppo.models import POLICY, ActorCritic
 from alignkit.stages.ppo.optimizer_layout import (
@@ -66,7 +73,10 @@ from alignkit.stages.ppo.scores import RewardSources, Scorer
 logger = logging.getLogger(__name__)
 
 STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE = "trainer_state.json", "trainable.safetensors", "optimizer.pt"
-LOG_FILE, SAMPLES_FILE = "ppo_log.jsonl", "samples.jsonl"
+# A sharded run's checkpoint: the trained weights and optimizer states as torch.distributed.checkpoint shards,
+# and the schedule (learning rate, loss scale), the same in every process.
+SHARDED_DIR, SCHEDULE_FILE = "sharded", "schedule.pt"
+LOG_FILE, SAMPLES_FILE, EVAL_SAMPLES_FILE = "ppo_log.jsonl", "samples.jsonl", "eval_samples.jsonl"
 SAMPLES_PER_LOG = 4
 # What _backward returns for a part of a minibatch: its share of the minibatch's token means.
 MINIBATCH_STATS = ("loss/policy", "loss/value", "policy/ratio", "policy/clipfrac", "policy/approx_kl",
@@ -236,11 +246,11 @@ class PPOTrainer:
         for _epoch in range(args.num_ppo_epochs):
             order = torch.randperm(len(tokens), generator=generator)
             for minibatch in order.split(len(tokens) // args.num_mini_batches):
-                mine = minibatch[(minibatch >= first_row) & (minibatch < first_row + local_rows)] - first_row
                 minibatch_tokens = tokens[minibatch].sum().clamp(min=1)
                 stats = dict.fromkeys(MINIBATCH_STATS, 0.0)
-                for micro in mine.split(args.per_device_train_batch_size):
-                    for key, value in self._backward(rollout, micro.to(self.device), minibatch_tokens).items():
+                for micro, weight in self._micro_batches(minibatch, first_row, local_rows):
+                    for key, value in self._backward(rollout, micro.to(self.device), minibatch_tokens,
+                                                     weight).items():
                         stats[key] += value
                 # Summed while still scaled: every process sees the same overflow and skips the same steps.
                 self._sum_gradients()
@@ -264,9 +274,27 @@ class PPOTrainer:
                         "policy/clipfrac_first_minibatch": first["policy/clipfrac"],
                         "policy/frozen": float(policy_frozen)}
 
-    def _backward(self, rollout: Rollout, rows: torch.Tensor, minibatch_tokens: torch.Tensor) -> dict[str, float]:
+    def _micro_batches(self, minibatch: torch.Tensor, first_row: int,
+                       local_rows: int) -> list[tuple[torch.Tensor, float]]:
+        """(rows, weight) of each forward/backward this process runs for ``minibatch`` (row indices of the whole
+        batch): its own rows, ``per_device_train_batch_size`` at a time, weight 1. With sharded models every
+        process runs as many as the process with the most rows of the minibatch (each knows every process's
+        count: the permutation is the same everywhere); the extra ones run its first row at weight 0, which adds
+        nothing to the gradients or statistics."""
+        size = self.args.per_device_train_batch_size
+        mine = minibatch[(minibatch >= first_row) & (minibatch < first_row + local_rows)] - first_row
+        parts = [(rows, 1.0) for rows in mine.split(size)]
+        if self.models.sharded:
+            owners = torch.div(minibatch, local_rows, rounding_mode="floor")
+            most = max(math.ceil(int((owners == process).sum()) / size) for process in range(self.world_size))
+            parts += [(torch.zeros(1, dtype=torch.long), 0.0)] * (most - len(parts))
+        return parts
+
+    def _backward(self, rollout: Rollout, rows: torch.Tensor, minibatch_tokens: torch.Tensor,
+                  weight: float = 1.0) -> dict[str, float]:
         """Forward and backward of ``rows``, a part of a minibatch of ``minibatch_tokens`` answer tokens (over all
-        processes): the losses and statistics are this part's share of the minibatch's token means."""
+        processes): the losses and statistics are this part's share of the minibatch's token means, times
+        ``weight`` (0 for a sharded model's padding pass)."""
         inputs = (rollout.input_ids[rows], rollout.attention_mask[rows], rollout.position_ids[rows])
         mask = rollout.mask[rows]
         with self._autocast():
@@ -283,8 +311,8 @@ class PPOTrainer:
         vf_loss, vf_stats = core.value_loss(values, rollout.values[rows], rollout.returns[rows], mask,
                                             self.args.cliprange_value, tokens=minibatch_tokens)
         # Token-weighted: the parts' losses add up to the minibatch's token mean however it is split.
-        self.scaler.scale(pg_loss + self.args.vf_coef * vf_loss).backward()
-        value = lambda tensor: float(tensor.detach())  # noqa: E731
+        self.scaler.scale(weight * (pg_loss + self.args.vf_coef * vf_loss)).backward()
+        value = lambda tensor: weight * float(tensor.detach())  # noqa: E731
         return {"loss/policy": value(pg_loss), "loss/value": value(vf_loss), "policy/ratio": value(pg_stats["ratio"]),
                 "policy/clipfrac": value(pg_stats["clipfrac"]), "policy/approx_kl": value(pg_stats["approx_kl"]),
                 "policy/entropy": value(core.masked_mean(entropy, mask, minibatch_tokens)),
@@ -292,8 +320,9 @@ class PPOTrainer:
 
     # ---- evaluation and results ----------------------------------------------------------------------------
 
-    def evaluate(self) -> float:
-        """Mean reward of the policy's answers to the held-out prompts (greedy unless the recipe says otherwise)."""
+    def evaluate(self, record: Path | None = None) -> float:
+        """Mean reward of the policy's answers to the held-out prompts (greedy unless the recipe says otherwise);
+        with ``record``, every (prompt, answer, reward) is written there as JSON lines (the final policy's)."""
         rows = self.eval_prompts
         prompts = list(rows["prompt"])
         columns = {key: list(rows[key]) for key in rows.column_names if key != "prompt"}
@@ -304,12 +333,18 @@ class PPOTrainer:
         # Ended at the rollouts' stops; scored as the recipe weighs the sources, unnormalised (comparable across runs).
         completions = [self.stops.cut_text(completion) for completion in completions]
         rewards, _ = self.reward(prompts, completions, columns)
+        if record is not None and self.state.is_main_process:
+            record.write_text("".join(json.dumps({"prompt": prompt, "completion": completion, "reward": reward}) + "\n"
+                                      for prompt, completion, reward in zip(prompts, completions, rewards)))
         return sum(rewards) / len(rewards)
 
     def _finish(self) -> dict[str, Any]:
+        # Sharded: gathered whole into the main process's memory (every process takes part), saved from there.
+        whole = sharding.full_policy_state(self.models) if self.models.sharded else None
         if self.state.is_main_process:
-            self.models.save_policy(self.run.path)
+            self.models.save_policy(self.run.path, state_dict=whole)
             self.tokenizer.save_pretrained(str(self.run.path))
+        del whole
         self.state.wait_for_everyone()
         window = max(1, min(10, len(self.history) // 10))  # smooths the single-batch noise of one update
         mean = lambda entries, key: sum(e[key] for e in entries) / len(entries)  # noqa: E731
@@ -327,7 +362,7 @@ class PPOTrainer:
         curves = [{"step": entry["update"], **entry} for entry in self.history]
         if self.eval_prompts is not None:
             metrics["ppo/eval_reward_start"] = self.eval_reward_start
-            metrics["ppo/eval_reward_end"] = self.evaluate()
+            metrics["ppo/eval_reward_end"] = self.evaluate(record=self.run.path / EVAL_SAMPLES_FILE)
             self._report({"eval_reward": metrics["ppo/eval_reward_end"]}, len(self.history))
             metrics["ppo/eval_prompts"] = len(self.eval_prompts)
             curves = [{"step": 0, "eval_reward": self.eval_reward_start}, *curves,
@@ -365,8 +400,10 @@ class PPOTrainer:
         stopping = StoppingCriteriaList([StopStringCriteria(self.stops, input_ids.shape[1])] if self.stops.strings
                                         else [])
         with torch.no_grad(), self._autocast():
+            # Sharded: every process keeps stepping until all processes' answers are done (each step is collective).
             output = self.models.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                          logits_processor=sampler, stopping_criteria=stopping)
+                                          logits_processor=sampler, stopping_criteria=stopping,
+                                          synced_gpus=self.models.sharded)
         answers = output[:, input_ids.shape[1]:]
         padding = args.response_length - answers.shape[1]
         return torch.nn.functional.pad(answers, (0, padding), value=self.tokenizer.pad_token_id)
@@ -445,7 +482,9 @@ class PPOTrainer:
     def _place_models(self) -> None:
         models = self.models
         for model in (models.policy, models.reference, models.critic_model, models.value_head):
-            if model is not None and not getattr(model, "hf_device_map", None) and not _is_quantized(model):
+            # Sharded models are already on the process's device: fully_shard put them there.
+            if model is not None and not models.sharded and not getattr(model, "hf_device_map", None) \
+                    and not _is_quantized(model):
                 model.to(self.device)
         self._set_training(True)
         if models.reference is not None:
@@ -541,8 +580,9 @@ class PPOTrainer:
                 and update < self.updates)
 
     def _sum_gradients(self) -> None:
-        """Sum the gradients across processes: each process's loss is its share of the minibatch's mean."""
-        if self.world_size == 1:
+        """Sum the gradients across processes: each process's loss is its share of the minibatch's mean. Sharded
+        models had theirs summed by FSDP in the backward pass (reduce-scattered to each process's shards)."""
+        if self.world_size == 1 or self.models.sharded:
             return
         import torch.distributed as dist
 
@@ -555,7 +595,8 @@ class PPOTrainer:
         """Clip the gradient norm to ``max_grad_norm`` (0 or None: no clipping, as in transformers' Trainer);
         returns the norm before clipping either way, for the log."""
         limit = self.args.max_grad_norm
-        return torch.nn.utils.clip_grad_norm_(self.parameters, limit if limit and limit > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters, limit if limit and limit > 0 else float("inf"))
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded: the norm over all shards
 
     def _sum_across_processes(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over every process (itself with one)."""
@@ -632,12 +673,19 @@ class PPOTrainer:
         from safetensors.torch import save_file
 
         path = self.run.path / f"checkpoint-{update}"
+        if self.models.sharded:
+            # Each process writes its shards; the policy is not gathered into every checkpoint (only at the end).
+            sharding.save_checkpoint(self.models, self.optimizer, path / SHARDED_DIR)
+            self.state.wait_for_everyone()
         if self.state.is_main_process:
             path.mkdir(parents=True, exist_ok=True)
-            self.models.save_policy(path)
-            save_file(self.models.trainable_state(), str(path / WEIGHTS_FILE))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "scaler": self.scaler.state_dict()}, path / OPTIMIZER_FILE)
+            schedule = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+            if self.models.sharded:
+                torch.save(schedule, path / SCHEDULE_FILE)
+            else:
+                self.models.save_policy(path)
+                save_file(self.models.trainable_state(), str(path / WEIGHTS_FILE))
+                torch.save({"optimizer": self.optimizer.state_dict(), **schedule}, path / OPTIMIZER_FILE)
             # Written last: a checkpoint without it was cut off mid-save and is never resumed from.
             (path / STATE_FILE).write_text(json.dumps({
                 "update": update, "kl_coef": self.kl_coef, "eval_reward_start": self.eval_reward_start,
@@ -657,9 +705,18 @@ class PPOTrainer:
 
         path = self.run.resume_from
         assert path is not None
-        self.models.load_trainable_state(load_file(str(path / WEIGHTS_FILE)))
-        saved = torch.load(path / OPTIMIZER_FILE, map_location=self.device, weights_only=True)
-        self._load_optimizer_state(saved, path)
+        if (path / SHARDED_DIR).is_dir() != self.models.sharded:
+            raise RecipeError(f"{path} is a {'sharded' if (path / SHARDED_DIR).is_dir() else 'whole'} PPO checkpoint "
+                              f"and this run's models are {'sharded' if self.models.sharded else 'whole'}: resume "
+                              "it under the kind of launch that wrote it (FSDP or not)")
+        if self.models.sharded:  # sharded checkpoints were all written with the policy's and critic's own groups
+            sharding.load_checkpoint(self.models, self.optimizer, path / SHARDED_DIR)
+            saved = torch.load(path / SCHEDULE_FILE, map_location=self.device, weights_only=True)
+            self.scheduler.load_state_dict(saved["scheduler"])
+        else:
+            self.models.load_trainable_state(load_file(str(path / WEIGHTS_FILE)))
+            saved = torch.load(path / OPTIMIZER_FILE, map_location=self.device, weights_only=True)
+            self._load_optimizer_state(saved, path)
         if saved.get("scaler"):  # checkpoints of fp16 runs
             self.scaler.load_state_dict(saved["scaler"])
         state = json.loads((path / STATE_FILE).read_text())
@@ -687,7 +744,9 @@ def checkpoint_to_resume(args: PPOConfig, run: RunDir) -> Path | None:
                               "remove the option to start a new run")
         return found
     path = Path(option).expanduser()
-    missing = [name for name in (STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE) if not (path / name).is_file()]
+    parts = (STATE_FILE, SCHEDULE_FILE, SHARDED_DIR) if (path / SHARDED_DIR).is_dir() else \
+        (STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE)
+    missing = [name for name in parts if not (path / name).exists()]
     if missing:
         raise RecipeError(f"train.resume_from_checkpoint: {path} is not a complete PPO checkpoint (it lacks "
                           f"{', '.join(missing)}); give a checkpoint-N directory of a ppo run dir")
